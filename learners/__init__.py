@@ -1,0 +1,1 @@
+"""TAO learner: rounds, rewards, ACT-R maths and the scheduler."""

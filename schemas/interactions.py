@@ -1,0 +1,82 @@
+"""InteractionEvent: one agent request and its response (topic `taoflow.interactions`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from schemas.base import EventModel, Timestamp, check_metadata_size, limits_from, new_event_id, utcnow
+from schemas.topics import INTERACTIONS
+
+EventId = Annotated[str, Field(min_length=1, max_length=256)]
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class ChatMessage(BaseModel):
+    """One OpenAI-style chat message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+Prompt = str | Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+def prompt_bytes(prompt: Prompt) -> int:
+    """UTF-8 size of a prompt: the string, or the sum of the messages' contents."""
+    if isinstance(prompt, str):
+        return len(prompt.encode())
+    return sum(len((m.content or "").encode()) for m in prompt)
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as one string (chat messages joined as `role: content` lines)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.role}: {m.content or ''}" for m in prompt)
+
+
+class InteractionEvent(EventModel):
+    """An agent's request and the response it got."""
+
+    topic: ClassVar[str] = INTERACTIONS
+
+    event_id: EventId = Field(default_factory=new_event_id)
+    ts: Timestamp = Field(default_factory=utcnow)
+    agent_id: Name
+    task_type: Name
+    operator: Name
+    prompt: Prompt
+    response: str
+    adapter: Name | None = None
+    latency_ms: float = Field(default=0.0, ge=0)
+    metadata: Annotated[dict[str, Any], AfterValidator(check_metadata_size)] = Field(default_factory=dict)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_size(cls, value: Prompt, info: ValidationInfo) -> Prompt:
+        limit = limits_from(info).max_prompt_bytes
+        size = prompt_bytes(value)
+        if size > limit:
+            raise ValueError(f"prompt is {size} bytes, over the limit of {limit} bytes (TAOFLOW_LIMITS_MAX_PROMPT_BYTES)")
+        return value
+
+    @field_validator("response")
+    @classmethod
+    def _response_size(cls, value: str, info: ValidationInfo) -> str:
+        limit = limits_from(info).max_response_bytes
+        size = len(value.encode())
+        if size > limit:
+            raise ValueError(
+                f"response is {size} bytes, over the limit of {limit} bytes (TAOFLOW_LIMITS_MAX_RESPONSE_BYTES)"
+            )
+        return value
+
+    def key(self) -> bytes:
+        return self.event_id.encode()

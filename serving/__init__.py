@@ -1,0 +1,1 @@
+"""Serving tier: OpenAI-compatible gateway, model backends, adapter hot-swap."""

@@ -1,0 +1,1 @@
+"""Stream processors: the faust app, its topics and one agent module per consumed topic."""

@@ -1,0 +1,208 @@
+"""The `taoflow` command line: one command per component, user mistakes as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from taoflow.exceptions import NotYetAvailableError, TaoflowError
+
+
+class _Group(click.Group):
+    """Turns taoflow's own errors into `error: ...` on stderr and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TaoflowError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _setup_logging(level: str) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
+        force=True,
+    )
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _settings() -> Any:
+    from taoflow.settings import Settings
+
+    return Settings()
+
+
+def _later(command: str, issue: int, what: str) -> NoReturn:
+    raise NotYetAvailableError(f"`taoflow {command}` is not yet available: it arrives with issue #{issue} ({what})")
+
+
+def _wait_for_signal() -> None:
+    """Block the main thread until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="taoflow")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: TAOFLOW_LOG_LEVEL or INFO).")
+def cli(log_level: str | None) -> None:
+    """taoflow: turn deployed agents' interactions into a better model, continuously."""
+    level = (log_level or _settings().core.log_level).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise click.BadParameter(f"{log_level!r} is not one of DEBUG, INFO, WARNING, ERROR", param_hint="--log-level")
+    _setup_logging(level)
+
+
+@cli.command()
+@click.option("--port", type=int, default=None, help="Port on loopback (default: TAOFLOW_BROKER_PORT or 9092).")
+@click.option("--partitions", type=int, default=None, help="Partitions per topic (default: TAOFLOW_BROKER_PARTITIONS).")
+def broker(port: int | None, partitions: int | None) -> None:
+    """Run the embedded Kafka-compatible broker (memory storage) on loopback until Ctrl-C."""
+    from taoflow.broker import EmbeddedBroker
+    from taoflow.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    if port is not None:
+        overrides["port"] = port
+    if partitions is not None:
+        overrides["partitions"] = partitions
+    settings = Settings(overrides={"broker": overrides})
+    with EmbeddedBroker(settings) as b:
+        click.echo(f"embedded broker ready on {b.bootstrap} (TAOFLOW_KAFKA_BOOTSTRAP={b.bootstrap}); Ctrl-C stops it")
+        _wait_for_signal()
+    click.echo("broker stopped")
+
+
+@cli.command()
+def up() -> None:
+    """Everything on embedded defaults: broker, stream worker, learner scheduler, gateway."""
+    _later("up", 7, "the main job")
+
+
+@cli.command()
+def worker() -> None:
+    """The stream processors (a faust worker); several may run in one consumer group."""
+    _later("worker", 3, "stream processors")
+
+
+@cli.command()
+def learner() -> None:
+    """The TAO scheduler: runs rounds on an interval or cron schedule."""
+    _later("learner", 4, "TAO learner")
+
+
+@cli.group(cls=_Group)
+def tao() -> None:
+    """TAO rounds."""
+
+
+@tao.command("run")
+def tao_run() -> None:
+    """Run one TAO round now, with a progress bar per stage."""
+    _later("tao run", 4, "TAO learner")
+
+
+@cli.command()
+def serve() -> None:
+    """The OpenAI-compatible gateway and its model backend."""
+    _later("serve", 5, "serving tier")
+
+
+@cli.command()
+@click.argument("query")
+def sql(query: str) -> None:
+    """Run SQL over the outcome tables, also while ingestion runs."""
+    _later("sql", 3, "stream processors and outcome tables")
+
+
+@cli.command()
+def report() -> None:
+    """Continuous improvement over time, in the terminal."""
+    _later("report", 6, "report and dashboard")
+
+
+@cli.command()
+def dashboard() -> None:
+    """Serve the web dashboard on its own."""
+    _later("dashboard", 6, "report and dashboard")
+
+
+@cli.command()
+def demo() -> None:
+    """The end-to-end demo on embedded defaults."""
+    _later("demo", 7, "the main job")
+
+
+@cli.group(cls=_Group)
+def models() -> None:
+    """Local model directories (no hub needed)."""
+
+
+@models.command("make-tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def models_make_tiny(directory: Path) -> None:
+    """Build a tiny Llama-shaped model and tokenizer locally into DIRECTORY."""
+    _later("models make-tiny", 4, "TAO learner")
+
+
+@cli.group(cls=_Group)
+def schemas() -> None:
+    """Event contracts."""
+
+
+@schemas.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def schemas_export(directory: Path) -> None:
+    """Write the JSON Schema of every event into DIRECTORY."""
+    from schemas.registry import export_json_schemas
+
+    try:
+        paths = export_json_schemas(directory)
+    except OSError as exc:
+        raise TaoflowError(f"cannot write schemas to {directory}: {exc.strerror}") from None
+    for p in paths:
+        click.echo(str(p))
+
+
+@cli.command("config")
+@click.option("--format", "fmt", type=click.Choice(["json", "env"]), default="json", show_default=True)
+def config_show(fmt: str) -> None:
+    """Print the effective settings, secrets masked."""
+    settings = _settings()
+    data = settings.masked()
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    prefixes = {"core": "TAOFLOW_", "kafka": "TAOFLOW_KAFKA_", "broker": "TAOFLOW_BROKER_"}
+    for section, values in data.items():
+        prefix = prefixes.get(section, f"TAOFLOW_{section.upper()}_")
+        for key, value in values.items():
+            click.echo(f"{prefix}{key.upper()}={'' if value is None else value}")
+
+
+def main() -> None:
+    cli(prog_name="taoflow")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Settings: one pydantic-settings class per component, `TAOFLOW_` environment, optional `taoflow.toml`."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from schemas.base import Limits
+from taoflow.exceptions import ConfigError
+
+CONFIG_FILE_ENV = "TAOFLOW_CONFIG"
+DEFAULT_CONFIG_FILE = "taoflow.toml"
+
+
+def config_file() -> Path | None:
+    """`$TAOFLOW_CONFIG`, else `./taoflow.toml` when it exists."""
+    explicit = os.environ.get(CONFIG_FILE_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_FILE_ENV}={explicit} does not name a file; fix the path or unset it")
+        return path
+    local = Path(DEFAULT_CONFIG_FILE)
+    return local if local.is_file() else None
+
+
+class _TomlSection(PydanticBaseSettingsSource):
+    """Reads one table of taoflow.toml (the top level for the core settings)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], section: str | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        path = config_file()
+        if path is None:
+            return
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        table = doc.get(section, {}) if section else {k: v for k, v in doc.items() if not isinstance(v, dict)}
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        self._data = table
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)  # unknown keys reach validation and fail there (extra="forbid")
+
+
+class _Component(BaseSettings):
+    """Base: init kwargs > environment > taoflow.toml section > defaults; unknown keys are errors."""
+
+    toml_section: ClassVar[str | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlSection(settings_cls, cls.toml_section)
+
+    def masked(self) -> dict[str, Any]:
+        """The values as JSON-able data, secrets shown as `**********`."""
+        return self.model_dump(mode="json")
+
+
+class CoreSettings(_Component):
+    """Where data lives and which model to start from."""
+
+    model_config = SettingsConfigDict(env_prefix="TAOFLOW_", extra="forbid")
+
+    data_dir: Path = Path(".taoflow")
+    base_model: str | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.data_dir / "taoflow.duckdb"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+
+class KafkaSettings(_Component):
+    """The Kafka cluster; `bootstrap` unset means the embedded broker."""
+
+    model_config = SettingsConfigDict(env_prefix="TAOFLOW_KAFKA_", extra="forbid")
+    toml_section = "kafka"
+
+    bootstrap: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    client_id: str = "taoflow"
+
+    def security_kwargs(self) -> dict[str, Any]:
+        """Security options in the spelling both kafka-python and aiokafka accept."""
+        kw: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            kw["sasl_mechanism"] = self.sasl_mechanism
+            kw["sasl_plain_username"] = self.sasl_username
+            kw["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=self.ssl_cafile)
+            if self.ssl_certfile:
+                ctx.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            kw["ssl_context"] = ctx
+        return kw
+
+
+class BrokerSettings(_Component):
+    """The embedded Kafka-compatible broker (Tansu, memory storage) on loopback."""
+
+    model_config = SettingsConfigDict(env_prefix="TAOFLOW_BROKER_", extra="forbid")
+    toml_section = "broker"
+
+    host: str = "127.0.0.1"
+    port: int = 9092
+    partitions: int = 4
+    startup_timeout_s: float = 30.0
+    cluster_id: str = "taoflow"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class LimitsSettings(_Component):
+    """Event size bounds enforced by the schemas."""
+
+    model_config = SettingsConfigDict(env_prefix="TAOFLOW_LIMITS_", extra="forbid")
+    toml_section = "limits"
+
+    max_prompt_bytes: int = Limits.max_prompt_bytes
+    max_response_bytes: int = Limits.max_response_bytes
+    max_metadata_bytes: int = Limits.max_metadata_bytes
+    max_event_bytes: int = Limits.max_event_bytes
+
+    def limits(self) -> Limits:
+        return Limits(**self.model_dump())
+
+
+class SdkSettings(_Component):
+    """The agent SDK (Emitter): spool location and bounds, delivery timing."""
+
+    model_config = SettingsConfigDict(env_prefix="TAOFLOW_SDK_", extra="forbid")
+    toml_section = "sdk"
+
+    spool_dir: Path | None = None
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_segment_bytes: int = 8 * 1024 * 1024
+    on_full: Literal["drop_newest", "drop_oldest", "error"] = "drop_newest"
+    max_pending: int = 100_000
+    linger_ms: int = 5
+    delivery_timeout_ms: int = 10_000
+    reconnect_backoff_s: float = 1.0
+
+
+@dataclass
+class Settings:
+    """All component settings; each reads its own `TAOFLOW_<COMPONENT>_*` variables and `[component]` table."""
+
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def _load(self, cls: type[_Component], name: str) -> Any:
+        try:
+            return cls(**self.overrides.get(name, {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
+            )
+            raise ConfigError(f"invalid settings: {problems}") from None
+
+    @cached_property
+    def core(self) -> CoreSettings:
+        return self._load(CoreSettings, "core")  # type: ignore[no-any-return]
+
+    @cached_property
+    def kafka(self) -> KafkaSettings:
+        return self._load(KafkaSettings, "kafka")  # type: ignore[no-any-return]
+
+    @cached_property
+    def broker(self) -> BrokerSettings:
+        return self._load(BrokerSettings, "broker")  # type: ignore[no-any-return]
+
+    @cached_property
+    def limits(self) -> LimitsSettings:
+        return self._load(LimitsSettings, "limits")  # type: ignore[no-any-return]
+
+    @cached_property
+    def sdk(self) -> SdkSettings:
+        return self._load(SdkSettings, "sdk")  # type: ignore[no-any-return]
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Kafka cluster is configured, so the embedded broker is used."""
+        return not self.kafka.bootstrap
+
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap servers every component connects to."""
+        return self.kafka.bootstrap or self.broker.bootstrap
+
+    def components(self) -> dict[str, _Component]:
+        return {"core": self.core, "kafka": self.kafka, "broker": self.broker, "limits": self.limits, "sdk": self.sdk}
+
+    def masked(self) -> dict[str, dict[str, Any]]:
+        """Every setting, secrets masked: what `taoflow config` prints."""
+        return {name: comp.masked() for name, comp in self.components().items()}

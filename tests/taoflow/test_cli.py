@@ -1,0 +1,108 @@
+"""The CLI: every PRODUCT.md command is listed, user mistakes are one-line errors, broker starts and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from taoflow.cli import cli
+from tests.conftest import free_port, read_topic
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_help_lists_every_product_command() -> None:
+    code, out = run("--help")
+    assert code == 0
+    for cmd in ("up", "broker", "worker", "learner", "tao", "serve", "sql", "report", "demo", "schemas", "models"):
+        assert f"  {cmd} " in out or f"  {cmd}\n" in out, cmd
+    code, out = run("tao", "--help")
+    assert "run" in out
+
+
+def test_schemas_export(tmp_path: Path) -> None:
+    code, out = run("schemas", "export", str(tmp_path / "out"))
+    assert code == 0
+    assert len(list((tmp_path / "out").glob("*.schema.json"))) == 6
+
+
+def test_config_masks_secrets_and_reads_toml(tmp_path: Path) -> None:
+    (tmp_path / "taoflow.toml").write_text('data_dir = "/srv/tf"\n[broker]\nport = 9999\n')
+    code, out = run("config", env={"TAOFLOW_KAFKA_SASL_PASSWORD": "hunter2", "TAOFLOW_BROKER_PARTITIONS": "8"})
+    assert code == 0
+    data = json.loads(out)
+    assert "hunter2" not in out and data["kafka"]["sasl_password"] == "**********"
+    assert data["broker"]["port"] == 9999 and data["broker"]["partitions"] == 8  # env beats toml, toml beats default
+    assert data["core"]["data_dir"] == "/srv/tf"
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    env = {"TAOFLOW_BROKER_PORT": "not-a-port"}
+    code, out = run("config", env=env)
+    assert code == 1 and out.strip().startswith("error: invalid settings: broker.port") and "Traceback" not in out
+    (tmp_path / "taoflow.toml").write_text("[kafka\n")
+    code, out = run("config")
+    assert code == 1 and "is not valid TOML" in out
+    (tmp_path / "taoflow.toml").write_text("[kafka]\nbootstrapp = 'x:1'\n")
+    code, out = run("config")
+    assert code == 1 and "kafka.bootstrapp" in out
+    (tmp_path / "taoflow.toml").unlink()
+    code, out = run("worker")
+    assert code == 1 and "not yet available" in out
+
+
+def test_broker_command_starts_creates_topics_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "TAOFLOW_BROKER_PORT": str(port), "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taoflow.cli", "broker", "--partitions", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while "ready" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        assert f"127.0.0.1:{port}" in line
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        topics = set(admin.list_topics())
+        assert {"taoflow.interactions", "taoflow.utilities", "taoflow.dead-letters"} <= topics
+        desc = admin.describe_topics(["taoflow.interactions"])
+        assert len(desc[0]["partitions"]) == 2
+        admin.close()
+        assert read_topic(f"127.0.0.1:{port}", "taoflow.interactions", 0, timeout=1) == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_broker_port_in_use_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        code, out = run("broker", "--port", str(s.getsockname()[1]))
+    assert code == 1 and "already in use" in out and "TAOFLOW_BROKER_PORT" in out
+
+
+@pytest.mark.parametrize("bad", [["sql"], ["schemas", "export"], ["nope"]])
+def test_usage_errors_exit_2(bad: list[str]) -> None:
+    result = CliRunner().invoke(cli, bad)
+    assert result.exit_code == 2 and "Traceback" not in result.output
