@@ -53,13 +53,14 @@ def _later(command: str, issue: int, what: str) -> NoReturn:
     raise NotYetAvailableError(f"`taoflow {command}` is not yet available: it arrives with issue #{issue} ({what})")
 
 
-def _wait_for_signal() -> None:
-    """Block the main thread until SIGINT or SIGTERM."""
+def _wait_for_signal(alive: Any = None) -> None:
+    """Block the main thread until SIGINT or SIGTERM, or until `alive()` turns false (raises then)."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
-        pass
+        if alive is not None and not alive():
+            raise TaoflowError("the embedded broker process exited unexpectedly")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,7 +90,7 @@ def broker(port: int | None, partitions: int | None) -> None:
     settings = Settings(overrides={"broker": overrides})
     with EmbeddedBroker(settings) as b:
         click.echo(f"embedded broker ready on {b.bootstrap} (TAOFLOW_KAFKA_BOOTSTRAP={b.bootstrap}); Ctrl-C stops it")
-        _wait_for_signal()
+        _wait_for_signal(b.alive)
     click.echo("broker stopped")
 
 
@@ -100,9 +101,14 @@ def up() -> None:
 
 
 @cli.command()
-def worker() -> None:
+@click.option("--no-lander", is_flag=True, help="Do not land into DuckDB from this process (another one does).")
+def worker(no_lander: bool) -> None:
     """The stream processors (a faust worker); several may run in one consumer group."""
-    _later("worker", 3, "stream processors")
+    from streams.worker import run_worker
+    from taoflow.settings import Settings
+
+    settings = Settings(overrides={"stream": {"land": False}} if no_lander else {})
+    run_worker(settings, loglevel=logging.getLevelName(logging.getLogger().level).lower())
 
 
 @cli.command()
@@ -130,9 +136,29 @@ def serve() -> None:
 
 @cli.command()
 @click.argument("query")
-def sql(query: str) -> None:
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def sql(query: str, fmt: str) -> None:
     """Run SQL over the outcome tables, also while ingestion runs."""
-    _later("sql", 3, "stream processors and outcome tables")
+    from streams.sqlapi import query as run
+
+    result = run(query, _settings())
+    if fmt == "json":
+        click.echo(json.dumps(result.as_dicts(), default=str))
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*result.columns, show_lines=False)
+        for row in result.rows:
+            table.add_row(*("" if v is None else str(v) for v in row))
+        Console().print(table)
+        click.echo(f"{len(result.rows)} row(s)", err=True)
 
 
 @cli.command()

@@ -9,10 +9,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from learners.rewards.specs import ScorerSpec
 from schemas.base import Limits
 from taoflow.exceptions import ConfigError
 
@@ -177,6 +178,31 @@ class SdkSettings(_Component):
     reconnect_backoff_s: float = 1.0
 
 
+class StreamSettings(_Component):
+    """The stream processors: batching, scorers, ACT-R parameters, landing."""
+
+    model_config = SettingsConfigDict(env_prefix="TAOFLOW_STREAM_", extra="forbid")
+    toml_section = "stream"
+
+    app_id: str = "taoflow-worker"
+    batch_size: int = Field(default=2000, ge=1)
+    batch_ms: int = Field(default=50, ge=1)
+    land_batch_size: int = Field(default=10_000, ge=1)
+    land_batch_ms: int = Field(default=200, ge=1)
+    web_port: int = Field(default=0, ge=0, description="faust web server port; 0 disables it")
+    session_timeout_s: float = Field(default=10.0, gt=0, description="consumer-group session timeout")
+    sql_port: int = Field(default=0, ge=0, description="SQL endpoint of the DuckDB owner; 0 picks a free one")
+    alpha: float = Field(default=0.2, gt=0, le=1)
+    initial_utility: float = 0.0
+    discount: float = Field(default=0.0, ge=0, description="reward lost per second between selection and reward")
+    noise_s: float = Field(default=0.1, ge=0, description="scale of the Logistic(0, s) selection noise")
+    scorers: list[ScorerSpec] = Field(default_factory=list)
+    feedback_weights: dict[str, float] = Field(
+        default_factory=lambda: {k: 1.0 for k in ("thumbs", "rating", "followup", "implemented", "task_success")}
+    )
+    land: bool = Field(default=True, description="run the DuckDB lander beside the worker (one owner per file)")
+
+
 @dataclass
 class Settings:
     """All component settings; each reads its own `TAOFLOW_<COMPONENT>_*` variables and `[component]` table."""
@@ -212,6 +238,10 @@ class Settings:
     def sdk(self) -> SdkSettings:
         return self._load(SdkSettings, "sdk")  # type: ignore[no-any-return]
 
+    @cached_property
+    def stream(self) -> StreamSettings:
+        return self._load(StreamSettings, "stream")  # type: ignore[no-any-return]
+
     @property
     def embedded(self) -> bool:
         """True when no Kafka cluster is configured, so the embedded broker is used."""
@@ -223,7 +253,34 @@ class Settings:
         return self.kafka.bootstrap or self.broker.bootstrap
 
     def components(self) -> dict[str, _Component]:
-        return {"core": self.core, "kafka": self.kafka, "broker": self.broker, "limits": self.limits, "sdk": self.sdk}
+        return {
+            "core": self.core,
+            "kafka": self.kafka,
+            "broker": self.broker,
+            "limits": self.limits,
+            "sdk": self.sdk,
+            "stream": self.stream,
+        }
+
+    def environ(self) -> dict[str, str]:
+        """These settings as `TAOFLOW_*` variables (secrets in clear), to hand to a child process."""
+        import json
+
+        out: dict[str, str] = {}
+        for comp in self.components().values():
+            prefix = str(comp.model_config.get("env_prefix", ""))
+            for name in type(comp).model_fields:
+                value = getattr(comp, name)
+                if value is None:
+                    continue
+                if isinstance(value, SecretStr):
+                    value = value.get_secret_value()
+                if isinstance(value, (list, dict)):
+                    text = json.dumps(comp.model_dump(mode="json", by_alias=True)[name])
+                else:
+                    text = str(value)
+                out[f"{prefix}{name}".upper()] = text
+        return out
 
     def masked(self) -> dict[str, dict[str, Any]]:
         """Every setting, secrets masked: what `taoflow config` prints."""

@@ -1,0 +1,115 @@
+"""The single faust App of the stream worker, its tables, and the context its agents share."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import orjson
+
+from learners.rewards import CompositeScorer, build_scorer
+from schemas import DeadLetter, Limits
+from streams.topics import Topics, declare
+from taoflow.settings import Settings, StreamSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What every agent needs: settings, scorers, topics, tables and counters."""
+
+    settings: Settings
+    cfg: StreamSettings
+    limits: Limits
+    scorer: CompositeScorer
+    topics: Topics
+    interactions: Any  # faust Table: interaction id -> join state (task, operator, adapter, ts, parts, feedback)
+    pending_feedback: Any  # faust Table: interaction id -> feedback that arrived before its interaction
+    utilities: Any  # faust Table: "task_type/operator" -> {u, n, last_reward, src positions}
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def dead_letter(self, message: Any, error: str) -> None:
+        """Send the original bytes of a bad message, with where it came from and why, to the dead-letter topic."""
+        original = message.value if isinstance(message.value, bytes) else bytes(message.value or b"")
+        dl = DeadLetter.of(message.topic, message.partition, message.offset, original, error[:4000])
+        self.topics.dead_letters.send_soon(key=None, value=dl.to_json_bytes())
+        self.count("dead_letters")
+
+    def send_reward(self, key: str, reward: float, src: str, pos: int, interaction_id: str, ts: float) -> None:
+        """Hand a reward to the utility agent, re-keyed by task_type/operator; (src, pos) makes it idempotent."""
+        value = orjson.dumps({"r": reward, "src": src, "pos": pos, "iid": interaction_id, "ts": ts})
+        self.topics.rewards.send_soon(key=key.encode(), value=value)
+
+
+def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
+    """Create the faust App for these settings, with its topics, tables and agents."""
+    cfg = settings.stream
+    parts = settings.broker.partitions
+    kafka = settings.kafka
+    credentials = None
+    if kafka.sasl_mechanism:
+        credentials = faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=kafka.security_kwargs().get("ssl_context"),
+        )
+    elif kafka.security_protocol in ("SSL", "SASL_SSL"):
+        credentials = faust.SSLCredentials(kafka.security_kwargs()["ssl_context"])
+    app = faust.App(
+        cfg.app_id,
+        broker=[f"kafka://{b.strip()}" for b in settings.bootstrap.split(",")],
+        broker_credentials=credentials,
+        store="memory://",
+        topic_partitions=parts,
+        topic_replication_factor=1,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=cfg.web_port != 0,
+        web_port=cfg.web_port or 6066,
+        web_host="127.0.0.1",
+        consumer_auto_offset_reset="earliest",
+        broker_max_poll_records=cfg.batch_size,
+        stream_buffer_maxsize=max(4 * cfg.batch_size, 4096),
+        broker_commit_interval=1.0,
+        # short group timeouts: a replacement worker takes over a dead one's partitions within seconds
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, cfg.session_timeout_s / 10),
+        broker_rebalance_timeout=cfg.session_timeout_s,
+        broker_request_timeout=max(30.0, cfg.session_timeout_s + 5),
+        producer_linger=0.005,
+        producer_max_batch_size=1024 * 1024,
+        autodiscover=False,
+        datadir=str(settings.core.data_dir / "faust"),
+    )
+    from streams.compat import patch_faust_highwaters
+
+    if not os.environ.get("TAOFLOW_NO_HW_PATCH"):
+        patch_faust_highwaters(settings.bootstrap, kafka.security_kwargs())
+    topics = declare(app, parts)
+    schema = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+    table: dict[str, Any] = {"partitions": parts, "schema": schema}
+    # use_partitioner: table keys go to the partition their topic key goes to, so batches may mix partitions
+    ctx = WorkerContext(
+        settings=settings,
+        cfg=cfg,
+        limits=settings.limits.limits(),
+        scorer=CompositeScorer([build_scorer(s) for s in cfg.scorers], cfg.feedback_weights),
+        topics=topics,
+        interactions=app.Table("interaction-join", use_partitioner=True, **table),  # type: ignore[arg-type]
+        pending_feedback=app.Table("pending-feedback", use_partitioner=True, **table),  # type: ignore[arg-type]
+        utilities=app.Table("utilities", use_partitioner=True, **table),  # type: ignore[arg-type]
+    )
+    from streams import feedback, interactions, rewards
+
+    interactions.register(app, ctx)
+    feedback.register(app, ctx)
+    rewards.register(app, ctx)
+    return app, ctx

@@ -1,0 +1,11 @@
+"""Errors of the stream tier."""
+
+from taoflow.exceptions import TaoflowError
+
+
+class QueryError(TaoflowError):
+    """A SQL query over the outcome tables failed; the message is DuckDB's or says why it could not run."""
+
+
+class WorkerError(TaoflowError):
+    """The stream worker cannot start (e.g. no broker reachable)."""

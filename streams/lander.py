@@ -1,0 +1,227 @@
+"""The lander: sole owner of the DuckDB file; lands topics in Arrow micro-batches and answers SQL meanwhile.
+
+DuckDB allows one process per file, so exactly one lander holds it (others wait as standbys and take
+over when it dies). Offsets are committed only after the DuckDB transaction commits, and every table is
+keyed by event identity, so a crash or redelivery never loses or duplicates a row.
+`taoflow sql` asks the running lander over loopback HTTP (the address is in `<data_dir>/lander.json`),
+and opens the file read-only itself when no lander runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from schemas import DeadLetter, FeedbackEvent, InteractionEvent, ScoreEvent, UtilityEvent, parse_event
+from schemas import topics as names
+from schemas.exceptions import EventValidationError
+from streams import store
+from streams.sqlapi import run_query
+from taoflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = "lander.json"
+
+
+def _interaction_row(rows: dict[str, list[Any]], ev: InteractionEvent, partition: int, offset: int) -> None:
+    if isinstance(ev.prompt, str):
+        prompt, chat = ev.prompt, False
+    else:
+        prompt, chat = orjson.dumps([m.model_dump(exclude_none=True) for m in ev.prompt]).decode(), True
+    values = (
+        ev.event_id, ev.ts, ev.agent_id, ev.task_type, ev.operator, prompt, chat,
+        hashlib.sha256(prompt.encode()).hexdigest(), ev.response, ev.adapter, ev.latency_ms,
+        orjson.dumps(ev.metadata).decode(), partition, offset,
+    )  # fmt: skip
+    for col, v in zip(store.COLUMNS["interactions"], values, strict=True):
+        rows[col].append(v)
+
+
+def _append(rows: dict[str, list[Any]], table: str, values: tuple[Any, ...]) -> None:
+    for col, v in zip(store.COLUMNS[table], values, strict=True):
+        rows[col].append(v)
+
+
+def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
+    """Column-oriented rows per table from a batch of Kafka records (invalid input is skipped here:
+    the worker already dead-lettered it)."""
+    out: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        try:
+            if rec.topic == names.INTERACTIONS:
+                _interaction_row(out["interactions"], parse_event(InteractionEvent, rec.value, limits), rec.partition,
+                                 rec.offset)  # fmt: skip
+            elif rec.topic == names.FEEDBACK:
+                f = parse_event(FeedbackEvent, rec.value, limits)
+                _append(out["feedback"], "feedback",
+                        (f.event_id, f.interaction_id, f.ts, f.kind, f.value, orjson.dumps(f.metadata).decode()))
+            elif rec.topic == names.SCORES:
+                s = ScoreEvent.model_validate_json(rec.value)
+                _append(out["scores"], "scores", (s.interaction_id, s.revision, s.ts, s.task_type, s.operator,
+                                                  s.adapter, s.reward, orjson.dumps(s.parts).decode()))
+            elif rec.topic == names.UTILITIES:
+                u = UtilityEvent.model_validate_json(rec.value)
+                _append(out["utility_history"], "utility_history",
+                        (u.task_type, u.operator, u.n, u.utility, u.last_reward, u.ts))
+                _append(out["utilities"], "utilities", (u.task_type, u.operator, u.utility, u.n, u.last_reward, u.ts))
+            elif rec.topic == names.DEAD_LETTERS:
+                d = DeadLetter.model_validate_json(rec.value)
+                _append(out["dead_letters"], "dead_letters",
+                        (d.source_topic, d.partition, d.offset, d.error, d.original, d.ts))
+        except (EventValidationError, ValueError):
+            continue  # fmt: skip
+    return out
+
+
+class Lander:
+    """Consumes the outcome topics in group `<app_id>-lander` and lands them; serves SQL on loopback."""
+
+    TOPICS = (names.INTERACTIONS, names.FEEDBACK, names.SCORES, names.UTILITIES, names.DEAD_LETTERS)
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cfg = settings.stream
+        self.db_path = settings.core.duckdb_path
+        self.owner_file = settings.core.data_dir / OWNER_FILE
+        self.con: Any = None
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="duckdb")
+        self.landed: dict[str, int] = defaultdict(int)
+        self.last_land_s = 0.0
+
+    def _acquire(self) -> Any:
+        import duckdb
+
+        try:
+            return store.connect(self.db_path)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                return None
+            raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while self.con is None:
+            self.con = self._acquire()
+            if self.con is None:
+                log.info("%s is held by another lander; standing by", self.db_path)
+                try:
+                    await asyncio.wait_for(stop.wait(), 2.0)
+                    return
+                except TimeoutError:
+                    continue
+        server = await self._serve_sql()
+        try:
+            await self._consume(stop)
+        finally:
+            await server.cleanup()
+            self.owner_file.unlink(missing_ok=True)
+            self.con.close()
+            self.pool.shutdown(wait=False)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            *self.TOPICS,
+            bootstrap_servers=self.settings.bootstrap,
+            group_id=f"{self.cfg.app_id}-lander",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.cfg.land_batch_size,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            **self.settings.kafka.security_kwargs(),
+        )
+        await consumer.start()
+        limits = self.settings.limits.limits()
+        loop = asyncio.get_running_loop()
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=self.cfg.land_batch_ms, max_records=self.cfg.land_batch_size)
+                records = [r for recs in batch.values() for r in recs]
+                if not records:
+                    continue
+                t0 = time.perf_counter()
+                rows = to_rows(records, limits)
+                await loop.run_in_executor(self.pool, self._land, rows)
+                await consumer.commit({TopicPartition(tp.topic, tp.partition): recs[-1].offset + 1
+                                       for tp, recs in batch.items()})  # fmt: skip
+                self.last_land_s = time.perf_counter() - t0
+        finally:
+            await consumer.stop()
+
+    def _land(self, rows: dict[str, dict[str, list[Any]]]) -> None:
+        cur = self.con.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            for table, cols in rows.items():
+                self.landed[table] += store.insert(cur, table, cols)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        finally:
+            cur.close()
+
+    async def _serve_sql(self) -> Any:
+        from aiohttp import web
+
+        async def sql(request: web.Request) -> web.Response:
+            try:
+                body = await request.json()
+                query = body["sql"]
+            except (ValueError, KeyError, TypeError):
+                return web.json_response({"error": 'send JSON {"sql": "SELECT ..."}'}, status=400)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.pool, run_query, self.con, query)
+            return web.Response(body=orjson.dumps(result, default=str), content_type="application/json",
+                                status=400 if "error" in result else 200)  # fmt: skip
+
+        async def health(request: web.Request) -> web.Response:
+            return web.json_response({"ok": True, "landed": dict(self.landed), "last_land_s": self.last_land_s})
+
+        app = web.Application(client_max_size=1024 * 1024)
+        app.router.add_post("/sql", sql)
+        app.router.add_get("/healthz", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self.cfg.sql_port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        tmp = self.owner_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "url": f"http://127.0.0.1:{port}", "db": str(self.db_path)}))
+        os.replace(tmp, self.owner_file)
+        log.info("lander owns %s; SQL on http://127.0.0.1:%d", self.db_path, port)
+        return runner
+
+
+def main() -> None:
+    """`python -m streams.lander`: run a lander until SIGTERM/SIGINT (the worker starts it this way)."""
+    logging.basicConfig(level=os.environ.get("TAOFLOW_LOG_LEVEL", "INFO"), format="lander: %(message)s")
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = Settings()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Lander(settings).run(stop)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

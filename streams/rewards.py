@@ -1,0 +1,57 @@
+"""Agent on the internal rewards topic: ACT-R utility per task_type/operator, exactly once per reward."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import faust
+import orjson
+
+from learners.actr import update_utility
+from schemas import UtilityEvent
+from streams.app import WorkerContext
+
+
+def register(app: faust.App, ctx: WorkerContext) -> None:
+    @app.agent(ctx.topics.rewards, name="taoflow.agents.utilities")
+    async def utilities(stream: Any) -> None:
+        async for events in stream.take_events(ctx.cfg.batch_size, within=ctx.cfg.batch_ms / 1000):
+            process_batch(ctx, events)
+
+
+def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
+    """Fold each reward into its operator's utility and publish the new value.
+
+    A redelivered reward (after a crash or rebalance upstream) carries a source position not above
+    the highest already folded in for that source partition, so it is skipped: each reward counts once.
+    The table value holds those positions, so the check and the update are one changelog write.
+    """
+    table = ctx.utilities
+    alpha, u0 = ctx.cfg.alpha, ctx.cfg.initial_utility
+    touched: dict[str, dict[str, Any]] = {}
+    for ev in events:
+        key = ev.message.key.decode()
+        r = orjson.loads(ev.message.value)
+        state = touched.get(key) or table.get(key) or {"u": u0, "n": 0, "last": None, "src": {}}
+        if r["pos"] <= state["src"].get(r["src"], -1):
+            ctx.count("duplicate_rewards")
+            continue
+        state["u"] = update_utility(state["u"], r["r"], alpha)
+        state["n"] += 1
+        state["last"] = r["r"]
+        state["src"][r["src"]] = r["pos"]
+        task_type, _, operator = key.partition("/")
+        event = UtilityEvent(
+            task_type=task_type,
+            operator=operator,
+            utility=state["u"],
+            n=state["n"],
+            last_reward=r["r"],
+            ts=datetime.fromtimestamp(r["ts"], timezone.utc),
+        )
+        ctx.topics.utilities.send_soon(key=key.encode(), value=event.to_json_bytes())
+        touched[key] = state
+        ctx.count("utility_updates")
+    for key, state in touched.items():
+        table[key] = state  # one changelog write per key per batch

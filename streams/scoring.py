@@ -1,0 +1,48 @@
+"""Turning an interaction's join state into a ScoreEvent and a reward for its operator's utility."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from learners.actr import discounted_reward
+from schemas import ScoreEvent
+from streams.app import WorkerContext
+
+
+def new_state(task_type: str, operator: str, adapter: str | None, ts: float, parts: dict[str, float]) -> dict[str, Any]:
+    """The join state kept per interaction id until its feedback has arrived."""
+    return {"t": task_type, "o": operator, "a": adapter, "ts": ts, "p": parts, "f": {}, "r": 0}
+
+
+def score(ctx: WorkerContext, iid: str, state: dict[str, Any], at: float, src: str, pos: int) -> bool:
+    """Compose the reward from rule parts and feedback so far; publish it (revision state["r"]) and hand
+    the time-discounted reward to the utility agent. Returns False when no part applies yet."""
+    item = ctx.scorer.compose(state["p"], state["f"])
+    if item.reward is None:
+        return False
+    event = ScoreEvent(
+        interaction_id=iid,
+        ts=datetime.fromtimestamp(at, timezone.utc),
+        task_type=state["t"],
+        operator=state["o"],
+        adapter=state["a"],
+        reward=item.reward,
+        parts=item.parts,
+        revision=state["r"],
+    )
+    ctx.topics.scores.send_soon(key=iid.encode(), value=event.to_json_bytes())
+    state["r"] += 1
+    reward = discounted_reward(item.reward, at - state["ts"], ctx.cfg.discount)
+    ctx.send_reward(f"{state['t']}/{state['o']}", reward, src, pos, iid, at)
+    ctx.count("scores")
+    return True
+
+
+def position(offset: int, sub: int = 0) -> int:
+    """A total order over the rewards one source message produces (a message may release parked feedback).
+
+    >>> position(7, 2) > position(7, 1) > position(6, 999)
+    True
+    """
+    return offset * 1000 + sub

@@ -1,0 +1,148 @@
+"""The DuckDB outcome tables: schema, and idempotent Arrow micro-batch inserts keyed by event identity."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+DDL = """
+CREATE TABLE IF NOT EXISTS interactions (
+    event_id VARCHAR PRIMARY KEY,
+    ts TIMESTAMPTZ NOT NULL,
+    agent_id VARCHAR NOT NULL,
+    task_type VARCHAR NOT NULL,
+    operator VARCHAR NOT NULL,
+    prompt VARCHAR NOT NULL,          -- the text, or the chat messages as JSON
+    prompt_is_chat BOOLEAN NOT NULL,
+    prompt_hash VARCHAR NOT NULL,     -- sha256 of `prompt`, for de-duplication by content
+    response VARCHAR NOT NULL,
+    adapter VARCHAR,
+    latency_ms DOUBLE NOT NULL,
+    metadata JSON,
+    kafka_partition INTEGER,
+    kafka_offset BIGINT,
+    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    event_id VARCHAR PRIMARY KEY,
+    interaction_id VARCHAR NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    kind VARCHAR NOT NULL,
+    value DOUBLE NOT NULL,
+    metadata JSON,
+    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS scores (
+    interaction_id VARCHAR NOT NULL,
+    revision INTEGER NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    task_type VARCHAR NOT NULL,
+    operator VARCHAR NOT NULL,
+    adapter VARCHAR,
+    reward DOUBLE NOT NULL,
+    parts JSON,
+    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (interaction_id, revision)
+);
+CREATE TABLE IF NOT EXISTS utilities (
+    task_type VARCHAR NOT NULL,
+    operator VARCHAR NOT NULL,
+    utility DOUBLE NOT NULL,
+    n BIGINT NOT NULL,
+    last_reward DOUBLE,
+    ts TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (task_type, operator)
+);
+CREATE TABLE IF NOT EXISTS utility_history (
+    task_type VARCHAR NOT NULL,
+    operator VARCHAR NOT NULL,
+    n BIGINT NOT NULL,
+    utility DOUBLE NOT NULL,
+    last_reward DOUBLE,
+    ts TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (task_type, operator, n)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    source_topic VARCHAR NOT NULL,
+    kafka_partition INTEGER NOT NULL,
+    kafka_offset BIGINT NOT NULL,
+    error VARCHAR NOT NULL,
+    original BLOB NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (source_topic, kafka_partition, kafka_offset)
+);
+"""
+
+# columns each batch supplies (the rest take their defaults)
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "interactions": (
+        "event_id", "ts", "agent_id", "task_type", "operator", "prompt", "prompt_is_chat", "prompt_hash",
+        "response", "adapter", "latency_ms", "metadata", "kafka_partition", "kafka_offset",
+    ),
+    "feedback": ("event_id", "interaction_id", "ts", "kind", "value", "metadata"),
+    "scores": ("interaction_id", "revision", "ts", "task_type", "operator", "adapter", "reward", "parts"),
+    "utility_history": ("task_type", "operator", "n", "utility", "last_reward", "ts"),
+    "utilities": ("task_type", "operator", "utility", "n", "last_reward", "ts"),
+    "dead_letters": ("source_topic", "kafka_partition", "kafka_offset", "error", "original", "ts"),
+}  # fmt: skip
+KEYS: dict[str, tuple[str, ...]] = {
+    "interactions": ("event_id",),
+    "feedback": ("event_id",),
+    "scores": ("interaction_id", "revision"),
+    "utility_history": ("task_type", "operator", "n"),
+    "utilities": ("task_type", "operator"),
+    "dead_letters": ("source_topic", "kafka_partition", "kafka_offset"),
+}
+
+
+def connect(path: Path, read_only: bool = False) -> Any:
+    """Open the outcome database (creating tables when writable)."""
+    import duckdb
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path), read_only=read_only)
+    if not read_only:
+        con.execute(DDL)
+    return con
+
+
+def dedupe_last(rows: dict[str, list[Any]], key: tuple[str, ...]) -> dict[str, list[Any]]:
+    """Keep the last row per key (a batch may hold a redelivered event twice).
+
+    >>> dedupe_last({"k": ["a", "b", "a"], "v": [1, 2, 3]}, ("k",))
+    {'k': ['b', 'a'], 'v': [2, 3]}
+    """
+    keys = list(zip(*(rows[k] for k in key), strict=True))
+    last = {k: i for i, k in enumerate(keys)}
+    if len(last) == len(keys):
+        return rows
+    keep = sorted(last.values())
+    return {col: [vals[i] for i in keep] for col, vals in rows.items()}
+
+
+def insert(con: Any, table: str, rows: dict[str, list[Any]]) -> int:
+    """Idempotent insert of one column-oriented batch through Arrow; returns rows in the batch.
+
+    Event tables ignore rows whose key exists (redelivery); `utilities` keeps the row with the highest n.
+    """
+    if not rows or not next(iter(rows.values())):
+        return 0
+    rows = dedupe_last(rows, KEYS[table])
+    cols = COLUMNS[table]
+    batch = pa.table({c: rows[c] for c in cols})  # noqa: F841 - read by DuckDB's replacement scan below
+    names = ", ".join(cols)
+    if table == "utilities":
+        sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in KEYS[table])
+        con.execute(
+            f"INSERT INTO utilities ({names}) SELECT {names} FROM batch "
+            f"ON CONFLICT (task_type, operator) DO UPDATE SET {sets} WHERE excluded.n > utilities.n"
+        )
+    else:
+        con.execute(f"INSERT OR IGNORE INTO {table} ({names}) SELECT {names} FROM batch")
+    return len(rows[cols[0]])

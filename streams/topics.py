@@ -1,0 +1,37 @@
+"""faust topic objects for the PRODUCT.md topics and the worker's internal reward repartition topic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faust
+
+from schemas import topics as names
+
+REWARDS_INTERNAL = "taoflow.worker.rewards"  # rewards re-keyed by task_type/operator for the utility table
+
+
+@dataclass(frozen=True)
+class Topics:
+    interactions: faust.TopicT
+    feedback: faust.TopicT
+    scores: faust.TopicT
+    utilities: faust.TopicT
+    dead_letters: faust.TopicT
+    rewards: faust.TopicT
+
+
+def declare(app: faust.App, partitions: int) -> Topics:
+    """Every topic the worker reads or writes; values are raw bytes (we parse with the schemas ourselves)."""
+
+    def topic(name: str, parts: int | None = partitions, **kw: object) -> faust.TopicT:
+        return app.topic(name, key_serializer="raw", value_serializer="raw", partitions=parts, **kw)
+
+    return Topics(
+        interactions=topic(names.INTERACTIONS),
+        feedback=topic(names.FEEDBACK),
+        scores=topic(names.SCORES),
+        utilities=topic(names.UTILITIES, parts=None),
+        dead_letters=topic(names.DEAD_LETTERS),
+        rewards=topic(REWARDS_INTERNAL, internal=True),
+    )

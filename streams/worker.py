@@ -1,0 +1,83 @@
+"""`taoflow worker`: the faust worker, with a supervised lander process beside it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from streams.exceptions import WorkerError
+from taoflow.broker import ensure_topics, wait_for_kafka
+from taoflow.exceptions import BrokerError
+from taoflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LanderSupervisor:
+    """Keeps one `python -m streams.lander` child running, restarting it with backoff if it dies."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.env = {**os.environ, **settings.environ()}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lander-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.lander"], env=self.env)
+
+    def _watch(self) -> None:
+        backoff = 0.5
+        while not self._stop.wait(0.5):
+            if self.proc is not None and self.proc.poll() is not None:
+                log.warning("lander exited with %s; restarting in %.1fs", self.proc.returncode, backoff)
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, 30.0)
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    """Run the stream processors until SIGINT/SIGTERM (blocking)."""
+    import faust
+
+    from streams.app import build_app
+
+    try:
+        wait_for_kafka(settings.bootstrap, timeout=10, security=settings.kafka.security_kwargs())
+    except BrokerError:
+        hint = "start it with `taoflow broker` (or run `taoflow up`)" if settings.embedded else "check the address"
+        raise WorkerError(f"no Kafka answers at {settings.bootstrap}; {hint}") from None
+    ensure_topics(settings)
+    settings.core.data_dir.mkdir(parents=True, exist_ok=True)
+    lander = LanderSupervisor(settings) if settings.stream.land else None
+    if lander:
+        lander.start()
+    app, _ = build_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
+    started = time.monotonic()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        if lander:
+            lander.stop()
+        log.info("worker stopped after %.0fs", time.monotonic() - started)
