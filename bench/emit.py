@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -25,7 +25,7 @@ def _event(i: int) -> dict[str, Any]:
     return {
         "schema_version": 1,
         "event_id": uuid.uuid4().hex,
-        "ts": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "agent_id": "bench",
         "task_type": "qa",
         "operator": f"op{i % 4}",

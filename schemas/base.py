@@ -6,7 +6,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError, ValidationInfo
@@ -15,9 +15,7 @@ from schemas.exceptions import EventValidationError
 
 SCHEMA_VERSION = 1
 
-_RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
-)
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
 
 def _parse_rfc3339(value: Any) -> datetime:
@@ -40,7 +38,7 @@ def _parse_rfc3339(value: Any) -> datetime:
 
 
 def _format_rfc3339(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_parse_rfc3339), PlainSerializer(_format_rfc3339, return_type=str)]
@@ -49,7 +47,7 @@ Timestamp = Annotated[datetime, BeforeValidator(_parse_rfc3339), PlainSerializer
 
 def utcnow() -> datetime:
     """The current time, timezone-aware, UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_event_id() -> str:
@@ -85,7 +83,9 @@ def check_metadata_size(value: dict[str, Any], info: ValidationInfo) -> dict[str
     limit = limits_from(info).max_metadata_bytes
     size = len(json.dumps(value, separators=(",", ":"), default=str).encode())
     if size > limit:
-        raise ValueError(f"metadata is {size} bytes, over the limit of {limit} bytes (TAOFLOW_LIMITS_MAX_METADATA_BYTES)")
+        raise ValueError(
+            f"metadata is {size} bytes, over the limit of {limit} bytes (TAOFLOW_LIMITS_MAX_METADATA_BYTES)"
+        )
     return value
 
 
@@ -95,7 +95,7 @@ class EventModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=16 * 1024 * 1024)
 
     topic: ClassVar[str]
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
 
     def key(self) -> bytes | None:
         """The Kafka message key of this event (PRODUCT.md's topic table)."""

@@ -64,7 +64,9 @@ class InteractionEvent(EventModel):
         limit = limits_from(info).max_prompt_bytes
         size = prompt_bytes(value)
         if size > limit:
-            raise ValueError(f"prompt is {size} bytes, over the limit of {limit} bytes (TAOFLOW_LIMITS_MAX_PROMPT_BYTES)")
+            raise ValueError(
+                f"prompt is {size} bytes, over the limit of {limit} bytes (TAOFLOW_LIMITS_MAX_PROMPT_BYTES)"
+            )
         return value
 
     @field_validator("response")

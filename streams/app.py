@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,8 @@ import orjson
 
 from learners.rewards import CompositeScorer, build_scorer
 from schemas import DeadLetter, Limits
-from streams.topics import Topics, declare
+from streams.outbox import BatchProducer, Outbox
+from streams.topics import REWARDS_INTERNAL, Topics, declare
 from taoflow.settings import Settings, StreamSettings
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerContext:
-    """What every agent needs: settings, scorers, topics, tables and counters."""
+    """What every agent needs: settings, scorers, topics, tables, the batch producer and counters."""
 
     settings: Settings
     cfg: StreamSettings
@@ -30,22 +32,51 @@ class WorkerContext:
     interactions: Any  # faust Table: interaction id -> join state (task, operator, adapter, ts, parts, feedback)
     pending_feedback: Any  # faust Table: interaction id -> feedback that arrived before its interaction
     utilities: Any  # faust Table: "task_type/operator" -> {u, n, last_reward, src positions}
+    producer: BatchProducer
+    partitions: dict[str, int]
     counters: dict[str, int] = field(default_factory=dict)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
-    def dead_letter(self, message: Any, error: str) -> None:
-        """Send the original bytes of a bad message, with where it came from and why, to the dead-letter topic."""
+    def outbox(self) -> Outbox:
+        return Outbox(self.partitions)
+
+    def dead_letter(self, out: Outbox, message: Any, error: str) -> None:
+        """Queue the original bytes of a bad message, with where it came from and why, for the dead-letter topic."""
         original = message.value if isinstance(message.value, bytes) else bytes(message.value or b"")
         dl = DeadLetter.of(message.topic, message.partition, message.offset, original, error[:4000])
-        self.topics.dead_letters.send_soon(key=None, value=dl.to_json_bytes())
+        out.add(self.topics.dead_letters.get_topic_name(), None, dl.to_json_bytes())
         self.count("dead_letters")
 
-    def send_reward(self, key: str, reward: float, src: str, pos: int, interaction_id: str, ts: float) -> None:
+    def send_reward(
+        self, out: Outbox, key: str, reward: float, src: str, pos: int, interaction_id: str, ts: float
+    ) -> None:
         """Hand a reward to the utility agent, re-keyed by task_type/operator; (src, pos) makes it idempotent."""
         value = orjson.dumps({"r": reward, "src": src, "pos": pos, "iid": interaction_id, "ts": ts})
-        self.topics.rewards.send_soon(key=key.encode(), value=value)
+        out.add(REWARDS_INTERNAL, key.encode(), value)
+
+
+async def run_batches(
+    app: faust.App, ctx: WorkerContext, stream: Any, process: Callable[[WorkerContext, Outbox, list[Any]], None]
+) -> None:
+    """The loop every agent runs: take a batch, process it, send its outputs, and only then take the next.
+
+    Bad input never raises here (it is dead-lettered); anything that does raise (Kafka unreachable past
+    its timeouts, a bug) crashes the worker on purpose: in-memory tables may be ahead of their changelog,
+    and a restart recovers from the last committed state without losing or double-counting anything.
+    """
+    try:
+        async for events in stream.take_events(ctx.cfg.batch_size, within=ctx.cfg.batch_ms / 1000):
+            out = ctx.outbox()
+            process(ctx, out, events)
+            await ctx.producer.send(out)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.critical("stream agent failed; stopping the worker so a restart recovers cleanly", exc_info=True)
+        await app.crash(exc)
+        raise
 
 
 def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
@@ -53,7 +84,7 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
     cfg = settings.stream
     parts = settings.broker.partitions
     kafka = settings.kafka
-    credentials = None
+    credentials: Any = None
     if kafka.sasl_mechanism:
         credentials = faust.SASLCredentials(
             username=kafka.sasl_username,
@@ -89,12 +120,12 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
         autodiscover=False,
         datadir=str(settings.core.data_dir / "faust"),
     )
-    from streams.compat import patch_faust_highwaters
+    from streams.compat import patch_faust_fetch_wait, patch_faust_highwaters
 
-    if not os.environ.get("TAOFLOW_NO_HW_PATCH"):
-        patch_faust_highwaters(settings.bootstrap, kafka.security_kwargs())
+    patch_faust_highwaters(settings.bootstrap, kafka.security_kwargs())
+    patch_faust_fetch_wait(cfg.fetch_wait_ms)
     topics = declare(app, parts)
-    schema = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+    schema: Any = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
     table: dict[str, Any] = {"partitions": parts, "schema": schema}
     # use_partitioner: table keys go to the partition their topic key goes to, so batches may mix partitions
     ctx = WorkerContext(
@@ -106,7 +137,12 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
         interactions=app.Table("interaction-join", use_partitioner=True, **table),  # type: ignore[arg-type]
         pending_feedback=app.Table("pending-feedback", use_partitioner=True, **table),  # type: ignore[arg-type]
         utilities=app.Table("utilities", use_partitioner=True, **table),  # type: ignore[arg-type]
+        producer=BatchProducer(settings.bootstrap, kafka.security_kwargs()),
+        partitions={},
     )
+    for t in (ctx.interactions, ctx.pending_feedback, ctx.utilities):
+        ctx.partitions[t.changelog_topic.get_topic_name()] = parts  # faust creates changelogs with `parts`
+
     from streams import feedback, interactions, rewards
 
     interactions.register(app, ctx)

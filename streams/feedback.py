@@ -8,7 +8,8 @@ from typing import Any
 import faust
 
 from schemas import EventValidationError, FeedbackEvent, parse_event
-from streams.app import WorkerContext
+from streams.app import WorkerContext, run_batches
+from streams.outbox import Outbox
 from streams.scoring import position, score
 
 log = logging.getLogger(__name__)
@@ -17,11 +18,10 @@ log = logging.getLogger(__name__)
 def register(app: faust.App, ctx: WorkerContext) -> None:
     @app.agent(ctx.topics.feedback, name="taoflow.agents.feedback")
     async def feedback(stream: Any) -> None:
-        async for events in stream.take_events(ctx.cfg.batch_size, within=ctx.cfg.batch_ms / 1000):
-            process_batch(ctx, events)
+        await run_batches(app, ctx, stream, process_batch)
 
 
-def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
+def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
     """Feedback for a known interaction re-scores it now; feedback that came first is parked until it arrives."""
     table, pending = ctx.interactions, ctx.pending_feedback
     for ev in events:
@@ -29,11 +29,11 @@ def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
         try:
             fb = parse_event(FeedbackEvent, msg.value, ctx.limits)
         except EventValidationError as exc:
-            ctx.dead_letter(msg, str(exc))
+            ctx.dead_letter(out, msg, str(exc))
             continue
-        except Exception as exc:  # noqa: BLE001 - nothing in the input may crash the worker
+        except Exception as exc:
             log.exception("unexpected error validating %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-            ctx.dead_letter(msg, f"unexpected error: {exc!r}")
+            ctx.dead_letter(out, msg, f"unexpected error: {exc!r}")
             continue
         iid = fb.interaction_id
         ts = fb.ts.timestamp()
@@ -43,7 +43,7 @@ def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
             if fb.event_id not in parked["ids"]:
                 parked["items"].append([fb.kind, fb.value, ts])
                 parked["ids"].append(fb.event_id)
-                pending[iid] = parked
+                out.put_table(pending, iid, parked)
             ctx.count("feedback_parked")
             continue
         seen = state.setdefault("fid", [])
@@ -52,6 +52,6 @@ def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
             continue
         seen.append(fb.event_id)
         state["f"][fb.kind] = fb.value
-        score(ctx, iid, state, ts, f"f:{msg.partition}", position(msg.offset))
-        table[iid] = state
+        score(ctx, out, iid, state, ts, f"f:{msg.partition}", position(msg.offset))
+        out.put_table(table, iid, state)
         ctx.count("feedback")

@@ -8,7 +8,8 @@ from typing import Any
 import faust
 
 from schemas import EventValidationError, InteractionEvent, parse_event, prompt_text
-from streams.app import WorkerContext
+from streams.app import WorkerContext, run_batches
+from streams.outbox import Outbox
 from streams.scoring import new_state, position, score
 
 log = logging.getLogger(__name__)
@@ -17,11 +18,10 @@ log = logging.getLogger(__name__)
 def register(app: faust.App, ctx: WorkerContext) -> None:
     @app.agent(ctx.topics.interactions, name="taoflow.agents.interactions")
     async def interactions(stream: Any) -> None:
-        async for events in stream.take_events(ctx.cfg.batch_size, within=ctx.cfg.batch_ms / 1000):
-            process_batch(ctx, events)
+        await run_batches(app, ctx, stream, process_batch)
 
 
-def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
+def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
     """Validate a batch, dead-letter the bad ones, score the rest in one call per scorer."""
     valid: list[tuple[InteractionEvent, Any]] = []
     for ev in events:
@@ -29,10 +29,10 @@ def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
         try:
             valid.append((parse_event(InteractionEvent, msg.value, ctx.limits), msg))
         except EventValidationError as exc:
-            ctx.dead_letter(msg, str(exc))
-        except Exception as exc:  # noqa: BLE001 - nothing in the input may crash the worker
+            ctx.dead_letter(out, msg, str(exc))
+        except Exception as exc:
             log.exception("unexpected error validating %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-            ctx.dead_letter(msg, f"unexpected error: {exc!r}")
+            ctx.dead_letter(out, msg, f"unexpected error: {exc!r}")
     if not valid:
         return
     evs = [e for e, _ in valid]
@@ -43,7 +43,7 @@ def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
             task_types=[e.task_type for e in evs],
             metadata=[e.metadata for e in evs],
         )
-    except Exception:  # noqa: BLE001 - a broken user scorer must not stop ingestion
+    except Exception:
         log.exception("a scorer failed on a batch of %d; those interactions get feedback-only rewards", len(evs))
         parts = [{} for _ in evs]
     table, pending = ctx.interactions, ctx.pending_feedback
@@ -55,12 +55,12 @@ def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
             ctx.count("duplicate_interactions")
             continue
         state = new_state(ev.task_type, ev.operator, ev.adapter, ev.ts.timestamp(), p)
-        score(ctx, iid, state, state["ts"], src, position(msg.offset))
+        score(ctx, out, iid, state, state["ts"], src, position(msg.offset))
         parked = pending.get(iid)
         if parked:
             for sub, (kind, value, ts) in enumerate(parked["items"], start=1):
                 state["f"][kind] = value
-                score(ctx, iid, state, max(ts, state["ts"]), src, position(msg.offset, sub))
-            del pending[iid]
-        table[iid] = state
+                score(ctx, out, iid, state, max(ts, state["ts"]), src, position(msg.offset, sub))
+            out.put_table(pending, iid, None)
+        out.put_table(table, iid, state)
         ctx.count("interactions")

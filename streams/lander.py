@@ -18,7 +18,6 @@ import signal
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -65,21 +64,42 @@ def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
                                  rec.offset)  # fmt: skip
             elif rec.topic == names.FEEDBACK:
                 f = parse_event(FeedbackEvent, rec.value, limits)
-                _append(out["feedback"], "feedback",
-                        (f.event_id, f.interaction_id, f.ts, f.kind, f.value, orjson.dumps(f.metadata).decode()))
+                _append(
+                    out["feedback"],
+                    "feedback",
+                    (f.event_id, f.interaction_id, f.ts, f.kind, f.value, orjson.dumps(f.metadata).decode()),
+                )
             elif rec.topic == names.SCORES:
                 s = ScoreEvent.model_validate_json(rec.value)
-                _append(out["scores"], "scores", (s.interaction_id, s.revision, s.ts, s.task_type, s.operator,
-                                                  s.adapter, s.reward, orjson.dumps(s.parts).decode()))
+                _append(
+                    out["scores"],
+                    "scores",
+                    (
+                        s.interaction_id,
+                        s.revision,
+                        s.ts,
+                        s.task_type,
+                        s.operator,
+                        s.adapter,
+                        s.reward,
+                        orjson.dumps(s.parts).decode(),
+                    ),
+                )
             elif rec.topic == names.UTILITIES:
                 u = UtilityEvent.model_validate_json(rec.value)
-                _append(out["utility_history"], "utility_history",
-                        (u.task_type, u.operator, u.n, u.utility, u.last_reward, u.ts))
+                _append(
+                    out["utility_history"],
+                    "utility_history",
+                    (u.task_type, u.operator, u.n, u.utility, u.last_reward, u.ts),
+                )
                 _append(out["utilities"], "utilities", (u.task_type, u.operator, u.utility, u.n, u.last_reward, u.ts))
             elif rec.topic == names.DEAD_LETTERS:
                 d = DeadLetter.model_validate_json(rec.value)
-                _append(out["dead_letters"], "dead_letters",
-                        (d.source_topic, d.partition, d.offset, d.error, d.original, d.ts))
+                _append(
+                    out["dead_letters"],
+                    "dead_letters",
+                    (d.source_topic, d.partition, d.offset, d.error, d.original, d.ts),
+                )
         except (EventValidationError, ValueError):
             continue  # fmt: skip
     return out
@@ -218,7 +238,19 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        parent = os.getppid()
+
+        async def orphan_watch() -> None:
+            # a worker killed with SIGKILL cannot stop us; never outlive it holding the DuckDB file
+            while not stop.is_set():
+                if os.getppid() != parent:
+                    log.warning("worker process %d is gone; lander stopping", parent)
+                    stop.set()
+                await asyncio.sleep(0.5)
+
+        watch = asyncio.create_task(orphan_watch())
         await Lander(settings).run(stop)
+        watch.cancel()
 
     asyncio.run(run())
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -10,17 +10,17 @@ import orjson
 
 from learners.actr import update_utility
 from schemas import UtilityEvent
-from streams.app import WorkerContext
+from streams.app import WorkerContext, run_batches
+from streams.outbox import Outbox
 
 
 def register(app: faust.App, ctx: WorkerContext) -> None:
     @app.agent(ctx.topics.rewards, name="taoflow.agents.utilities")
     async def utilities(stream: Any) -> None:
-        async for events in stream.take_events(ctx.cfg.batch_size, within=ctx.cfg.batch_ms / 1000):
-            process_batch(ctx, events)
+        await run_batches(app, ctx, stream, process_batch)
 
 
-def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
+def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
     """Fold each reward into its operator's utility and publish the new value.
 
     A redelivered reward (after a crash or rebalance upstream) carries a source position not above
@@ -48,10 +48,10 @@ def process_batch(ctx: WorkerContext, events: list[Any]) -> None:
             utility=state["u"],
             n=state["n"],
             last_reward=r["r"],
-            ts=datetime.fromtimestamp(r["ts"], timezone.utc),
+            ts=datetime.fromtimestamp(r["ts"], UTC),
         )
-        ctx.topics.utilities.send_soon(key=key.encode(), value=event.to_json_bytes())
+        out.add(ctx.topics.utilities.get_topic_name(), key.encode(), event.to_json_bytes())
         touched[key] = state
         ctx.count("utility_updates")
     for key, state in touched.items():
-        table[key] = state  # one changelog write per key per batch
+        out.put_table(table, key, state)  # one changelog record per key per batch

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from learners.actr import discounted_reward
 from schemas import ScoreEvent
 from streams.app import WorkerContext
+from streams.outbox import Outbox
 
 
 def new_state(task_type: str, operator: str, adapter: str | None, ts: float, parts: dict[str, float]) -> dict[str, Any]:
@@ -15,7 +16,7 @@ def new_state(task_type: str, operator: str, adapter: str | None, ts: float, par
     return {"t": task_type, "o": operator, "a": adapter, "ts": ts, "p": parts, "f": {}, "r": 0}
 
 
-def score(ctx: WorkerContext, iid: str, state: dict[str, Any], at: float, src: str, pos: int) -> bool:
+def score(ctx: WorkerContext, out: Outbox, iid: str, state: dict[str, Any], at: float, src: str, pos: int) -> bool:
     """Compose the reward from rule parts and feedback so far; publish it (revision state["r"]) and hand
     the time-discounted reward to the utility agent. Returns False when no part applies yet."""
     item = ctx.scorer.compose(state["p"], state["f"])
@@ -23,7 +24,7 @@ def score(ctx: WorkerContext, iid: str, state: dict[str, Any], at: float, src: s
         return False
     event = ScoreEvent(
         interaction_id=iid,
-        ts=datetime.fromtimestamp(at, timezone.utc),
+        ts=datetime.fromtimestamp(at, UTC),
         task_type=state["t"],
         operator=state["o"],
         adapter=state["a"],
@@ -31,10 +32,10 @@ def score(ctx: WorkerContext, iid: str, state: dict[str, Any], at: float, src: s
         parts=item.parts,
         revision=state["r"],
     )
-    ctx.topics.scores.send_soon(key=iid.encode(), value=event.to_json_bytes())
+    out.add(ctx.topics.scores.get_topic_name(), iid.encode(), event.to_json_bytes())
     state["r"] += 1
     reward = discounted_reward(item.reward, at - state["ts"], ctx.cfg.discount)
-    ctx.send_reward(f"{state['t']}/{state['o']}", reward, src, pos, iid, at)
+    ctx.send_reward(out, f"{state['t']}/{state['o']}", reward, src, pos, iid, at)
     ctx.count("scores")
     return True
 

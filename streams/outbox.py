@@ -1,0 +1,115 @@
+"""What one input batch produces, sent as Kafka record batches and awaited before the input is acknowledged.
+
+faust's `send_soon` moves every message through an asyncio queue and a publish call of its own, and its
+table writes do the same for each changelog record; at a few outputs per event that path, not the
+parsing, bounded the worker. Here a batch's outputs go out as one record batch per partition, and the
+agent awaits their delivery before asking for its next input batch, so faust commits an input offset
+only after everything it caused is in Kafka (at-least-once; every consumer downstream is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict
+from typing import Any
+
+from aiokafka.partitioner import murmur2
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2), as the Java client, kafka-python and aiokafka all use it."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class Outbox:
+    """Messages grouped by topic, in order; tables are written through it too (see `put_table`)."""
+
+    def __init__(self, partitions: dict[str, int]) -> None:
+        self.partitions = partitions  # known partition counts (the tables' changelogs)
+        self.msgs: dict[str, list[tuple[bytes | None, bytes | None, int | None]]] = defaultdict(list)
+
+    def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
+        """Queue a message; without `partition`, the key's default partition (round robin without a key)."""
+        self.msgs[topic].append((key, value, partition))
+
+    def put_table(self, table: Any, key: str, value: dict[str, Any] | None) -> None:
+        """Set (or with None, delete) a faust table key and queue its changelog record in this batch.
+
+        The record has the wire form faust reads back (JSON key, as faust's Table uses for `str` keys; JSON
+        value; a tombstone to delete), so faust's changelog recovery rebuilds the table as usual. It goes to
+        the partition of the key's *input* topic (murmur2 of the raw key), so a worker that owns input
+        partition p recovers exactly the state of p's keys. The in-memory store is updated directly.
+        """
+        import orjson
+
+        topic = table.changelog_topic.get_topic_name()
+        part = partition_for(key.encode(), self.partitions[topic])
+        store = table.data
+        if value is None:
+            store.pop(key, None)
+            self.add(topic, orjson.dumps(key), None, part)
+        else:
+            store[key] = value
+            self.add(topic, orjson.dumps(key), orjson.dumps(value), part)
+        key_partition = getattr(store, "_key_partition", None)
+        if key_partition is not None:
+            key_partition[key] = part
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.msgs.values())
+
+
+class BatchProducer:
+    """An aiokafka producer that sends an Outbox as record batches and waits for the acks."""
+
+    def __init__(self, bootstrap: str, security: dict[str, Any]) -> None:
+        self.bootstrap = bootstrap
+        self.security = security
+        self._producer: Any = None
+        self._lock = asyncio.Lock()
+        self._partitions: dict[str, int] = {}
+        self._round_robin = itertools.count()
+
+    async def _get(self) -> Any:
+        async with self._lock:
+            if self._producer is None:
+                from aiokafka import AIOKafkaProducer
+
+                self._producer = AIOKafkaProducer(
+                    bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, max_batch_size=1024 * 1024,
+                    max_request_size=8 * 1024 * 1024, **self.security,
+                )  # fmt: skip
+                await self._producer.start()
+        return self._producer
+
+    async def send(self, outbox: Outbox) -> None:
+        if not outbox.msgs:
+            return
+        producer = await self._get()
+        by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = defaultdict(list)
+        for topic, msgs in outbox.msgs.items():
+            n = self._partitions.get(topic)
+            if n is None:
+                n = self._partitions[topic] = len(await producer.partitions_for(topic))
+            for key, value, part in msgs:
+                if part is None:
+                    part = partition_for(key, n) if key is not None else next(self._round_robin) % n
+                by_partition[(topic, part)].append((key, value))
+        futures = []
+        for (topic, part), records in by_partition.items():
+            batch = producer.create_batch()
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    batch.close()
+                    futures.append(await producer.send_batch(batch, topic, partition=part))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            batch.close()
+            futures.append(await producer.send_batch(batch, topic, partition=part))
+        await asyncio.gather(*futures)
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
