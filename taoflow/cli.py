@@ -186,9 +186,18 @@ def models() -> None:
 
 @models.command("make-tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def models_make_tiny(directory: Path) -> None:
-    """Build a tiny Llama-shaped model and tokenizer locally into DIRECTORY."""
-    _later("models make-tiny", 4, "TAO learner")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--hidden-size", type=int, default=64, show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+def models_make_tiny(directory: Path, seed: int, hidden_size: int, layers: int) -> None:
+    """Build a tiny Llama-shaped model and tokenizer locally into DIRECTORY (no hub needed).
+
+    The directory loads with transformers' from_pretrained like any model; point TAOFLOW_BASE_MODEL at it.
+    """
+    from learners.models import make_tiny
+
+    path = make_tiny(directory, seed=seed, hidden_size=hidden_size, layers=layers)
+    click.echo(f"tiny model written to {path}; use it with TAOFLOW_BASE_MODEL={path}")
 
 
 @cli.group(cls=_Group)

@@ -1,0 +1,193 @@
+"""Models without a hub: build a tiny Llama-shaped model and tokenizer locally; load any model by path or name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from learners.exceptions import LearnerError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _corpus(seed: int, n: int = 4000) -> list[str]:
+    """Text the tokenizer is trained on: arithmetic, formats and plain words the demo and tests use."""
+    rng = random.Random(seed)
+    words = [
+        "the",
+        "a",
+        "an",
+        "is",
+        "are",
+        "was",
+        "what",
+        "how",
+        "why",
+        "answer",
+        "question",
+        "result",
+        "sum",
+        "total",
+        "please",
+        "compute",
+        "add",
+        "plus",
+        "minus",
+        "times",
+        "equals",
+        "yes",
+        "no",
+        "ok",
+        "json",
+        "format",
+        "number",
+        "list",
+        "name",
+        "value",
+        "true",
+        "false",
+        "user",
+        "assistant",
+        "system",
+        "step",
+        "think",
+        "so",
+        "capital",
+        "france",
+        "paris",
+        "hello",
+        "world",
+        "refund",
+        "order",
+        "status",
+        "shipped",
+        "delivered",
+        "cancel",
+        "help",
+        "account",
+    ]
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        lines.append(f"What is {a} + {b}? {a + b}")
+        lines.append(f"{a} + {b} = {a + b}")
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))))
+        lines.append(json.dumps({"answer": a + b, "ok": True}))
+    return lines
+
+
+def build_tokenizer(seed: int = 0, vocab_size: int = 512) -> Any:
+    """A byte-level BPE tokenizer trained here, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"  # decoder-only generation pads on the left
+    return fast
+
+
+def make_tiny(
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    vocab_size: int = 512,
+    max_positions: int = 256,
+) -> Path:
+    """Write a tiny Llama-shaped causal LM (random weights) and its tokenizer as a normal model directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(directory)
+    if out.exists() and any(out.iterdir()):
+        raise LearnerError(f"{out} is not empty; choose a new directory for the model")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed, vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("tiny model (%d parameters) written to %s", sum(p.numel() for p in model.parameters()), out)
+    return out
+
+
+def make_tiny_reward_model(directory: str | Path, *, seed: int = 0, hidden_size: int = 32, layers: int = 1) -> Path:
+    """A tiny sequence-classification model (one logit) and tokenizer: the shape `reward_model` scorers load."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_causal_lm(name_or_path: str | Path, *, dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer by local path or name, through the same `from_pretrained` a real model uses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+    except OSError as exc:
+        raise LearnerError(
+            f"cannot load model {name_or_path!r}: {exc}. Give a local model directory "
+            "(e.g. one made by `taoflow models make-tiny DIR`) or a name already in the local cache"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if device:
+        model.to(device)
+    return model, tokenizer
