@@ -220,7 +220,7 @@ def demo(seed: int, events: int, fast: bool) -> None:
     verdict = "match" if result.ranking_matches_truth() else "do NOT yet match"
     console.print(f"Learned utilities {verdict} the operators' true order ({result.seconds:.0f}s).")
     console.print("Try it yourself (the file stays in place):")
-    for q in (
+    for example in (
         "SELECT task_type, operator, round(utility, 3) AS u, n FROM utilities ORDER BY task_type, u DESC",
         "SELECT operator, count(*) AS picks, round(avg(reward), 3) AS reward FROM scores GROUP BY operator",
         "SELECT source_topic, error FROM dead_letters LIMIT 5",

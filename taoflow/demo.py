@@ -128,11 +128,20 @@ def run_demo(
             if task == "math":
                 a, b = rng.randint(1, 50), rng.randint(1, 50)
                 answer = a + b if good else a + b + rng.randint(1, 9)
-                emitter.emit_interaction(task_type=task, operator=op, prompt=f"What is {a} + {b}?",
-                                         response=f"The answer is {answer}", metadata={"answer": str(a + b)})  # fmt: skip
+                emitter.emit_interaction(
+                    task_type=task,
+                    operator=op,
+                    prompt=f"What is {a} + {b}?",
+                    response=f"The answer is {answer}",
+                    metadata={"answer": str(a + b)},
+                )
             else:
-                iid = emitter.emit_interaction(task_type=task, operator=op, prompt="My order has not arrived.",
-                                               response="I am sorry, let me check the status for you.")  # fmt: skip
+                iid = emitter.emit_interaction(
+                    task_type=task,
+                    operator=op,
+                    prompt="My order has not arrived.",
+                    response="I am sorry, let me check the status for you.",
+                )
                 pending_feedback.append((now + rng.uniform(0.2, 1.0), iid, 1.0 if good else 0.0))
             due = [f for f in pending_feedback if f[0] <= now]
             for f in due:
