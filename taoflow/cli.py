@@ -225,7 +225,7 @@ def demo(seed: int, events: int, fast: bool) -> None:
         "SELECT operator, count(*) AS picks, round(avg(reward), 3) AS reward FROM scores GROUP BY operator",
         "SELECT source_topic, error FROM dead_letters LIMIT 5",
     ):
-        console.print(f'  TAOFLOW_DATA_DIR={data_dir} taoflow sql "{q}"', markup=False, highlight=False)
+        console.print(f'  TAOFLOW_DATA_DIR={data_dir} taoflow sql "{example}"', markup=False, highlight=False)
     console.print("TAO rounds, the gateway and adapter hot-swap join this demo when those tiers land.")
 
 
