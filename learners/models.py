@@ -62,6 +62,24 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 512) -> Any:
     return fast
 
 
+def _tiny_config(tokenizer: Any, hidden_size: int, layers: int, heads: int, **extra: Any) -> Any:
+    """A small Llama config sized to the tokenizer, with its special token ids."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 def make_tiny(
     directory: str | Path,
     *,
@@ -74,7 +92,7 @@ def make_tiny(
 ) -> Path:
     """Write a tiny Llama-shaped causal LM (random weights) and its tokenizer as a normal model directory."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = Path(directory)
     if out.exists() and any(out.iterdir()):
@@ -82,18 +100,8 @@ def make_tiny(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed, vocab_size)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+    config = _tiny_config(
+        tokenizer, hidden_size, layers, heads, max_position_embeddings=max_positions, tie_word_embeddings=True
     )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -106,22 +114,13 @@ def make_tiny(
 def make_tiny_reward_model(directory: str | Path, *, seed: int = 0, hidden_size: int = 32, layers: int = 1) -> Path:
     """A tiny sequence-classification model (one logit) and tokenizer: the shape `reward_model` scorers load."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_labels=1,  # type: ignore[call-arg]
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = _tiny_config(tokenizer, hidden_size, layers, 4, num_labels=1)
     LlamaForSequenceClassification(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

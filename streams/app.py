@@ -12,7 +12,8 @@ import faust
 import orjson
 
 from learners.rewards import CompositeScorer, build_scorer
-from schemas import DeadLetter, Limits
+from schemas import DeadLetter, EventValidationError, Limits, parse_event
+from schemas.base import E
 from streams.outbox import BatchProducer, Outbox
 from streams.topics import REWARDS_INTERNAL, Topics, declare
 from taoflow.settings import Settings, StreamSettings
@@ -49,6 +50,17 @@ class WorkerContext:
         out.add(self.topics.dead_letters.get_topic_name(), None, dl.to_json_bytes())
         self.count("dead_letters")
 
+    def parse(self, out: Outbox, model: type[E], message: Any) -> E | None:
+        """The validated event, or None after the message went to the dead letters with the reason."""
+        try:
+            return parse_event(model, message.value, self.limits)
+        except EventValidationError as exc:
+            self.dead_letter(out, message, str(exc))
+        except Exception as exc:
+            log.exception("unexpected error validating %s[%s]@%s", message.topic, message.partition, message.offset)
+            self.dead_letter(out, message, f"unexpected error: {exc!r}")
+        return None
+
     def send_reward(
         self, out: Outbox, key: str, reward: float, src: str, pos: int, interaction_id: str, ts: float
     ) -> None:
@@ -70,7 +82,15 @@ async def run_batches(
         async for events in stream.take_events(ctx.cfg.batch_size, within=ctx.cfg.batch_ms / 1000):
             out = ctx.outbox()
             process(ctx, out, events)
-            await ctx.producer.send(out)
+            sending = asyncio.ensure_future(ctx.producer.send(out))
+            try:
+                await asyncio.shield(sending)
+            except asyncio.CancelledError:
+                # faust cancels agents on a rebalance, and take_events then acks the batch in hand as it
+                # unwinds: finish delivering this batch's outputs first, or its offsets would be committed
+                # without them
+                await sending
+                raise
     except asyncio.CancelledError:
         raise
     except Exception as exc:

@@ -7,7 +7,7 @@ from typing import Any
 
 import faust
 
-from schemas import EventValidationError, FeedbackEvent, parse_event
+from schemas import FeedbackEvent
 from streams.app import WorkerContext, run_batches
 from streams.outbox import Outbox
 from streams.scoring import position, score
@@ -26,14 +26,8 @@ def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
     table, pending = ctx.interactions, ctx.pending_feedback
     for ev in events:
         msg = ev.message
-        try:
-            fb = parse_event(FeedbackEvent, msg.value, ctx.limits)
-        except EventValidationError as exc:
-            ctx.dead_letter(out, msg, str(exc))
-            continue
-        except Exception as exc:
-            log.exception("unexpected error validating %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-            ctx.dead_letter(out, msg, f"unexpected error: {exc!r}")
+        fb = ctx.parse(out, FeedbackEvent, msg)
+        if fb is None:
             continue
         iid = fb.interaction_id
         ts = fb.ts.timestamp()

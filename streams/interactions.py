@@ -7,10 +7,10 @@ from typing import Any
 
 import faust
 
-from schemas import EventValidationError, InteractionEvent, parse_event, prompt_text
+from schemas import InteractionEvent, prompt_text
 from streams.app import WorkerContext, run_batches
 from streams.outbox import Outbox
-from streams.scoring import new_state, position, score
+from streams.scoring import new_state, position, replay_first_score, score
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,9 @@ def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
     """Validate a batch, dead-letter the bad ones, score the rest in one call per scorer."""
     valid: list[tuple[InteractionEvent, Any]] = []
     for ev in events:
-        msg = ev.message
-        try:
-            valid.append((parse_event(InteractionEvent, msg.value, ctx.limits), msg))
-        except EventValidationError as exc:
-            ctx.dead_letter(out, msg, str(exc))
-        except Exception as exc:
-            log.exception("unexpected error validating %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-            ctx.dead_letter(out, msg, f"unexpected error: {exc!r}")
+        parsed = ctx.parse(out, InteractionEvent, ev.message)
+        if parsed is not None:
+            valid.append((parsed, ev.message))
     if not valid:
         return
     evs = [e for e, _ in valid]
@@ -50,11 +45,17 @@ def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
     for (ev, msg), p in zip(valid, parts, strict=True):
         iid = ev.event_id
         src = f"i:{msg.partition}"
-        if iid in table:
-            # the same event id again (an agent retry, or redelivery): the first one counts
-            ctx.count("duplicate_interactions")
+        known = table.get(iid)
+        if known is not None:
+            if known.get("at") == [src, msg.offset]:
+                # redelivery of the very message that created this state (after a crash or rebalance): its
+                # outputs may not have gone out, so send them again; they are identical, downstream drops repeats
+                replay_first_score(ctx, out, iid, known)
+                ctx.count("replayed_interactions")
+            else:
+                ctx.count("duplicate_interactions")  # the same event id in another message: the first one counts
             continue
-        state = new_state(ev.task_type, ev.operator, ev.adapter, ev.ts.timestamp(), p)
+        state = new_state(ev.task_type, ev.operator, ev.adapter, ev.ts.timestamp(), p, src, msg.offset)
         score(ctx, out, iid, state, state["ts"], src, position(msg.offset))
         parked = pending.get(iid)
         if parked:

@@ -28,6 +28,10 @@ class Outbox:
     def __init__(self, partitions: dict[str, int]) -> None:
         self.partitions = partitions  # known partition counts (the tables' changelogs)
         self.msgs: dict[str, list[tuple[bytes | None, bytes | None, int | None]]] = defaultdict(list)
+        # table changelog records go out only after every other output is acknowledged: if the worker dies
+        # in between, the recovered tables do not yet know this batch, so its replay recomputes the same
+        # outputs (same source positions, which downstream de-duplicates) instead of skipping them
+        self.table_msgs: dict[str, list[tuple[bytes | None, bytes | None, int | None]]] = defaultdict(list)
 
     def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         """Queue a message; without `partition`, the key's default partition (round robin without a key)."""
@@ -48,16 +52,16 @@ class Outbox:
         store = table.data
         if value is None:
             store.pop(key, None)
-            self.add(topic, orjson.dumps(key), None, part)
+            self.table_msgs[topic].append((orjson.dumps(key), None, part))
         else:
             store[key] = value
-            self.add(topic, orjson.dumps(key), orjson.dumps(value), part)
+            self.table_msgs[topic].append((orjson.dumps(key), orjson.dumps(value), part))
         key_partition = getattr(store, "_key_partition", None)
         if key_partition is not None:
             key_partition[key] = part
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.msgs.values())
+        return sum(len(v) for v in self.msgs.values()) + sum(len(v) for v in self.table_msgs.values())
 
 
 class BatchProducer:
@@ -84,11 +88,16 @@ class BatchProducer:
         return self._producer
 
     async def send(self, outbox: Outbox) -> None:
-        if not outbox.msgs:
+        """Outputs first, acknowledged; then the table changelog (see Outbox.table_msgs)."""
+        await self._send(outbox.msgs)
+        await self._send(outbox.table_msgs)
+
+    async def _send(self, messages: dict[str, list[tuple[bytes | None, bytes | None, int | None]]]) -> None:
+        if not messages:
             return
         producer = await self._get()
         by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = defaultdict(list)
-        for topic, msgs in outbox.msgs.items():
+        for topic, msgs in messages.items():
             n = self._partitions.get(topic)
             if n is None:
                 n = self._partitions[topic] = len(await producer.partitions_for(topic))

@@ -11,9 +11,18 @@ from streams.app import WorkerContext
 from streams.outbox import Outbox
 
 
-def new_state(task_type: str, operator: str, adapter: str | None, ts: float, parts: dict[str, float]) -> dict[str, Any]:
-    """The join state kept per interaction id until its feedback has arrived."""
-    return {"t": task_type, "o": operator, "a": adapter, "ts": ts, "p": parts, "f": {}, "r": 0}
+def new_state(
+    task_type: str, operator: str, adapter: str | None, ts: float, parts: dict[str, float], src: str, offset: int
+) -> dict[str, Any]:
+    """The join state kept per interaction id; `at` is the message that created it (its replay re-emits)."""
+    return {"t": task_type, "o": operator, "a": adapter, "ts": ts, "p": parts, "f": {}, "r": 0, "at": [src, offset]}
+
+
+def replay_first_score(ctx: WorkerContext, out: Outbox, iid: str, state: dict[str, Any]) -> None:
+    """Re-emit the revision-0 score and reward exactly as first sent (downstream drops them if they arrived)."""
+    src, offset = state["at"]
+    first = {**state, "f": {}, "r": 0}
+    score(ctx, out, iid, first, state["ts"], src, position(offset))
 
 
 def score(ctx: WorkerContext, out: Outbox, iid: str, state: dict[str, Any], at: float, src: str, pos: int) -> bool:
