@@ -200,7 +200,7 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(fresh_broker: E
         assert 0 < before["utility_history"] < len(plan) and before["interactions"] < len(plan)
         worker = start_worker(env, log)
         feeder.join()
-        wait_for(data, "SELECT count(*) FROM utility_history", lambda r: r.rows[0][0] >= len(plan), timeout=300)
+        wait_for(data, "SELECT count(*) FROM utility_history", lambda r: r.rows[0][0] >= len(plan), timeout=120)
         time.sleep(3)
         c = counts(data)
         assert c["interactions"] == c["scores"] == c["utility_history"] == len(plan)
@@ -250,7 +250,7 @@ def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
         # and the second worker's standby lander takes the file over
         stop(first, signal.SIGKILL)
         feeder.join()
-        wait_for(data, "SELECT count(*) FROM utility_history", lambda r: r.rows[0][0] >= n, timeout=300)
+        wait_for(data, "SELECT count(*) FROM utility_history", lambda r: r.rows[0][0] >= n, timeout=120)
         time.sleep(3)
         c = counts(data)
         assert c["interactions"] == c["scores"] == c["utility_history"] == n
