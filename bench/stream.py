@@ -59,7 +59,9 @@ def produce(bootstrap: str, topic: str, n: int, tag: str, rate: float | None = N
             if ahead > 0.002:
                 time.sleep(ahead)
     p.flush()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    p.close()
+    return elapsed
 
 
 async def raw_consume(bootstrap: str, topic: str, n: int) -> float:

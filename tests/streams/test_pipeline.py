@@ -110,6 +110,7 @@ def test_twenty_thousand_interactions_exact_rows_and_closed_form_utilities(
             expected_rewards[op] += 1
         producer.send("taoflow.feedback", key=eid.encode(), value=json.dumps(fb).encode())
     producer.flush()
+    producer.close()
     produced_at = time.monotonic()
 
     data = tmp_path / "data"
@@ -186,6 +187,7 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(fresh_broker: E
             if i % 100 == 99:
                 time.sleep(0.1)  # a steady ~1k events/s, so the kill lands in the middle of the stream
         producer.flush()
+        producer.close()
 
     data = tmp_path / "data"
     env = worker_env(fresh_broker.bootstrap, data, "crash")
@@ -236,6 +238,7 @@ def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
             if i % 100 == 99:
                 time.sleep(0.1)
         producer.flush()
+        producer.close()
 
     data = tmp_path / "data"
     env = worker_env(fresh_broker.bootstrap, data, "pair")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +20,13 @@ from tests.conftest import free_port, read_topic
 
 def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-    return result.exit_code, result.output
+    return result.exit_code, result.output  # stdout and stderr, as the user sees them
+
+
+def run_stdout(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Only stdout: what a pipe gets (logs must never end up there)."""
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout
 
 
 def test_help_lists_every_product_command() -> None:
@@ -39,7 +46,8 @@ def test_schemas_export(tmp_path: Path) -> None:
 
 def test_config_masks_secrets_and_reads_toml(tmp_path: Path) -> None:
     (tmp_path / "taoflow.toml").write_text('data_dir = "/srv/tf"\n[broker]\nport = 9999\n')
-    code, out = run("config", env={"TAOFLOW_KAFKA_SASL_PASSWORD": "hunter2", "TAOFLOW_BROKER_PARTITIONS": "8"})
+    logging.getLogger("kafka.net.manager").error("a background client's log line")  # must not reach stdout
+    code, out = run_stdout("config", env={"TAOFLOW_KAFKA_SASL_PASSWORD": "hunter2", "TAOFLOW_BROKER_PARTITIONS": "8"})
     assert code == 0
     data = json.loads(out)
     assert "hunter2" not in out and data["kafka"]["sasl_password"] == "**********"
