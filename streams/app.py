@@ -86,8 +86,8 @@ async def run_batches(
             try:
                 await asyncio.shield(sending)
             except asyncio.CancelledError:
-                # faust cancels agents on a rebalance, and take_events then acks the batch in hand as it
-                # unwinds: finish delivering this batch's outputs first, or its offsets would be committed
+                # if the agent is cancelled (e.g. the worker stopping), take_events acks the batch in hand as
+                # it unwinds: finish delivering this batch's outputs first, or its offsets could be committed
                 # without them
                 await sending
                 raise

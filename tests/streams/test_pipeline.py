@@ -29,10 +29,10 @@ OPERATORS = {"good": 0.9, "mid": 0.55, "bad": 0.2}
 ALPHA = 0.2
 # Known bug (README, "Known issues"): after a worker restart or death, the consumer-group
 # rebalance that follows can lose a few events (2-18 seen, one contiguous offset range) in about one run
-# in three; faust appears to drop events buffered in an agent's take_events when it restarts the agent on a
-# rebalance. The assertions stay whole; the mark keeps CI honest without hiding it.
+# in three: the worker never scores them, though the lander lands their rows. Cause not found yet.
+# The assertions stay whole; the mark keeps CI honest without hiding it.
 REBALANCE_LOSS = pytest.mark.xfail(
-    strict=False, reason="known: a rebalance after a worker dies can drop a few buffered events (faust take_events)"
+    strict=False, reason="known: after a worker dies, the rebalance can leave a few events unscored (cause open)"
 )
 
 
