@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import faust
@@ -11,8 +10,6 @@ from schemas import FeedbackEvent
 from streams.app import WorkerContext, run_batches
 from streams.outbox import Outbox
 from streams.scoring import position, score
-
-log = logging.getLogger(__name__)
 
 
 def register(app: faust.App, ctx: WorkerContext) -> None:

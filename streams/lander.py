@@ -44,8 +44,7 @@ def _interaction_row(rows: dict[str, list[Any]], ev: InteractionEvent, partition
         hashlib.sha256(prompt.encode()).hexdigest(), ev.response, ev.adapter, ev.latency_ms,
         orjson.dumps(ev.metadata).decode(), partition, offset,
     )  # fmt: skip
-    for col, v in zip(store.COLUMNS["interactions"], values, strict=True):
-        rows[col].append(v)
+    _append(rows, "interactions", values)
 
 
 def _append(rows: dict[str, list[Any]], table: str, values: tuple[Any, ...]) -> None:

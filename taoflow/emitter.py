@@ -326,8 +326,7 @@ class Emitter:
         if head is None:
             return True
         seg, records = head
-        if not records:
-            self._spool.ack(seg, 0)
+        if not records:  # fully acknowledged already; only the file is left
             self._spool.drop_oldest()
             return len(self._spool) == 0
         with self._lock:
@@ -335,17 +334,13 @@ class Emitter:
         prefix, failed = self._send(records)
         with self._lock:
             self._inflight -= len(records)
-        if failed:
-            # the delivered prefix is acknowledged; the rest (even if some went through) will be resent
-            self._spool.ack(seg, prefix)
-            with self._lock:
-                self._spool_records = len(self._spool)
-            return False
-        self._spool.ack(seg, len(records))
-        self._spool_full = False
+        # on failure only the delivered prefix is acknowledged; the rest (even if some went through) is resent
+        self._spool.ack(seg, prefix if failed else len(records))
+        if not failed:
+            self._spool_full = False
         with self._lock:
             self._spool_records = len(self._spool)
-        return self._spool_records == 0
+        return not failed and self._spool_records == 0
 
     def _take_batch(self, limit: int = 5000) -> list[Record]:
         batch: list[Record] = []
