@@ -7,5 +7,10 @@ UTILITIES = "taoflow.utilities"
 ADAPTERS = "taoflow.adapters"
 DEAD_LETTERS = "taoflow.dead-letters"
 
+# the learner's round and candidate rows, landed into tao_rounds / tao_candidates by the DuckDB owner
+# (internal: one writer per DuckDB file, so the learner hands its rows over Kafka like every other table)
+LEARNER_RECORDS = "taoflow.learner.records"
+
 ALL_TOPICS = (INTERACTIONS, FEEDBACK, SCORES, UTILITIES, ADAPTERS, DEAD_LETTERS)
+INTERNAL_TOPICS = (LEARNER_RECORDS,)
 COMPACTED_TOPICS = frozenset({UTILITIES})

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from schemas import DeadLetter, FeedbackEvent, InteractionEvent, ScoreEvent, UtilityEvent, parse_event
+from schemas import AdapterEvent, DeadLetter, FeedbackEvent, InteractionEvent, ScoreEvent, UtilityEvent, parse_event
 from schemas import topics as names
 from schemas.exceptions import EventValidationError
 from streams import store
@@ -99,7 +99,15 @@ def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
                     "dead_letters",
                     (d.source_topic, d.partition, d.offset, d.error, d.original, d.ts),
                 )
-        except (EventValidationError, ValueError):
+            elif rec.topic == names.ADAPTERS:
+                a = AdapterEvent.model_validate_json(rec.value)
+                _append(out["adapters"], "adapters", store.record_values("adapters", a.model_dump()))
+            elif rec.topic == names.LEARNER_RECORDS:
+                doc = orjson.loads(rec.value)
+                table = doc["table"]
+                if table in ("tao_rounds", "tao_candidates"):
+                    _append(out[table], table, store.record_values(table, doc["row"]))
+        except (EventValidationError, ValueError, KeyError, TypeError):
             continue  # fmt: skip
     return out
 
@@ -107,7 +115,10 @@ def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
 class Lander:
     """Consumes the outcome topics in group `<app_id>-lander` and lands them; serves SQL on loopback."""
 
-    TOPICS = (names.INTERACTIONS, names.FEEDBACK, names.SCORES, names.UTILITIES, names.DEAD_LETTERS)
+    TOPICS = (
+        names.INTERACTIONS, names.FEEDBACK, names.SCORES, names.UTILITIES, names.DEAD_LETTERS, names.ADAPTERS,
+        names.LEARNER_RECORDS,
+    )  # fmt: skip
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

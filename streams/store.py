@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,51 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
     PRIMARY KEY (source_topic, kafka_partition, kafka_offset)
 );
+CREATE TABLE IF NOT EXISTS tao_rounds (
+    round_id VARCHAR PRIMARY KEY,
+    status VARCHAR NOT NULL,          -- running, published, gated_out, skipped, failed
+    stage VARCHAR,                    -- the stage running, or the last one reached
+    started_at TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ,
+    base_model VARCHAR NOT NULL,
+    parent_adapter VARCHAR,           -- the adapter training continued from (NULL: the base)
+    adapter VARCHAR,                  -- the adapter this round published
+    mode VARCHAR NOT NULL,
+    k INTEGER NOT NULL,
+    window_start TIMESTAMPTZ,
+    window_end TIMESTAMPTZ,
+    prompts INTEGER,
+    heldout INTEGER,
+    timings JSON,                     -- seconds per stage
+    metrics JSON,
+    error VARCHAR,
+    seq BIGINT NOT NULL               -- the version of this row: a later one replaces it
+);
+CREATE TABLE IF NOT EXISTS tao_candidates (
+    round_id VARCHAR NOT NULL,
+    prompt_hash VARCHAR NOT NULL,
+    idx INTEGER NOT NULL,
+    task_type VARCHAR NOT NULL,
+    strategy VARCHAR NOT NULL,
+    temperature DOUBLE NOT NULL,
+    prompt VARCHAR NOT NULL,
+    response VARCHAR NOT NULL,
+    reward DOUBLE,
+    parts JSON,
+    PRIMARY KEY (round_id, prompt_hash, idx)
+);
+CREATE TABLE IF NOT EXISTS adapters (
+    adapter VARCHAR NOT NULL,
+    action VARCHAR NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    base_model VARCHAR NOT NULL,
+    path VARCHAR,
+    round_id VARCHAR,
+    sha256 VARCHAR,
+    metrics JSON,
+    reason VARCHAR,
+    PRIMARY KEY (adapter, action, ts)
+);
 """
 
 # columns each batch supplies (the rest take their defaults)
@@ -90,6 +136,15 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "utility_history": ("task_type", "operator", "n", "utility", "last_reward", "ts"),
     "utilities": ("task_type", "operator", "utility", "n", "last_reward", "ts"),
     "dead_letters": ("source_topic", "kafka_partition", "kafka_offset", "error", "original", "ts"),
+    "tao_rounds": (
+        "round_id", "status", "stage", "started_at", "finished_at", "base_model", "parent_adapter", "adapter", "mode",
+        "k", "window_start", "window_end", "prompts", "heldout", "timings", "metrics", "error", "seq",
+    ),
+    "tao_candidates": (
+        "round_id", "prompt_hash", "idx", "task_type", "strategy", "temperature", "prompt", "response",
+        "reward", "parts",
+    ),
+    "adapters": ("adapter", "action", "ts", "base_model", "path", "round_id", "sha256", "metrics", "reason"),
 }  # fmt: skip
 KEYS: dict[str, tuple[str, ...]] = {
     "interactions": ("event_id",),
@@ -98,7 +153,36 @@ KEYS: dict[str, tuple[str, ...]] = {
     "utility_history": ("task_type", "operator", "n"),
     "utilities": ("task_type", "operator"),
     "dead_letters": ("source_topic", "kafka_partition", "kafka_offset"),
+    "tao_rounds": ("round_id",),
+    "tao_candidates": ("round_id", "prompt_hash", "idx"),
+    "adapters": ("adapter", "action", "ts"),
 }
+# tables where a later version of a row replaces the stored one: key -> the column that orders versions
+UPSERT_BY = {"utilities": "n", "tao_rounds": "seq"}
+
+
+_TIME_COLUMNS = frozenset({"ts", "started_at", "finished_at", "window_start", "window_end"})
+_JSON_COLUMNS = frozenset({"timings", "metrics", "parts", "metadata"})
+
+
+def record_values(table: str, row: dict[str, Any]) -> tuple[Any, ...]:
+    """One row given as JSON-style values (ISO times, objects) in `COLUMNS[table]` order, typed for insert.
+
+    >>> record_values("adapters", {"adapter": "a", "action": "published", "ts": "2026-01-01T00:00:00+00:00",
+    ...     "base_model": "m", "metrics": {"gain": 0.1}})[2:4]
+    (datetime.datetime(2026, 1, 1, 0, 0, tzinfo=datetime.timezone.utc), 'm')
+    """
+    from datetime import datetime
+
+    out = []
+    for col in COLUMNS[table]:
+        v = row.get(col)
+        if v is not None and col in _TIME_COLUMNS and isinstance(v, str):
+            v = datetime.fromisoformat(v)
+        elif v is not None and col in _JSON_COLUMNS and not isinstance(v, str):
+            v = orjson.dumps(v).decode()
+        out.append(v)
+    return tuple(out)
 
 
 def connect(path: Path, read_only: bool = False) -> Any:
@@ -129,7 +213,8 @@ def dedupe_last(rows: dict[str, list[Any]], key: tuple[str, ...]) -> dict[str, l
 def insert(con: Any, table: str, rows: dict[str, list[Any]]) -> int:
     """Idempotent insert of one column-oriented batch through Arrow; returns rows in the batch.
 
-    Event tables ignore rows whose key exists (redelivery); `utilities` keeps the row with the highest n.
+    Event tables ignore rows whose key exists (redelivery); `utilities` and `tao_rounds` keep the row with the
+    highest version (`UPSERT_BY`).
     """
     if not rows or not next(iter(rows.values())):
         return 0
@@ -137,11 +222,12 @@ def insert(con: Any, table: str, rows: dict[str, list[Any]]) -> int:
     cols = COLUMNS[table]
     batch = pa.table({c: rows[c] for c in cols})  # noqa: F841 - read by DuckDB's replacement scan below
     names = ", ".join(cols)
-    if table == "utilities":
+    if table in UPSERT_BY:
         sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in KEYS[table])
+        version = UPSERT_BY[table]
         con.execute(
-            f"INSERT INTO utilities ({names}) SELECT {names} FROM batch "
-            f"ON CONFLICT (task_type, operator) DO UPDATE SET {sets} WHERE excluded.n > utilities.n"
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM batch "
+            f"ON CONFLICT ({', '.join(KEYS[table])}) DO UPDATE SET {sets} WHERE excluded.{version} > {table}.{version}"
         )
     else:
         con.execute(f"INSERT OR IGNORE INTO {table} ({names}) SELECT {names} FROM batch")

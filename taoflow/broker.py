@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from schemas.topics import ALL_TOPICS, COMPACTED_TOPICS
+from schemas.topics import ALL_TOPICS, COMPACTED_TOPICS, INTERNAL_TOPICS
 from taoflow.exceptions import BrokerError
 from taoflow.settings import BrokerSettings, Settings
 
@@ -86,7 +86,7 @@ def ensure_topics(settings: Settings, partitions: int | None = None) -> list[str
                 1,
                 topic_configs={"cleanup.policy": "compact"} if name in COMPACTED_TOPICS else {},
             )
-            for name in ALL_TOPICS
+            for name in ALL_TOPICS + INTERNAL_TOPICS
             if name not in existing
         ]
         if wanted:

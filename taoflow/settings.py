@@ -204,6 +204,48 @@ class StreamSettings(_Component):
     land: bool = Field(default=True, description="run the DuckDB lander beside the worker (one owner per file)")
 
 
+class LearnerSettings(_Component):
+    """TAO rounds: prompt selection, test-time compute, scoring, RL, the gate, and the schedule."""
+
+    model_config = SettingsConfigDict(env_prefix="TAOFLOW_LEARNER_", extra="forbid")
+    toml_section = "learner"
+
+    # select
+    task_types: list[str] | None = Field(default=None, description="only prompts of these task types")
+    window_hours: float | None = Field(default=None, gt=0, description="only prompts this recent; unset: all")
+    max_prompts: int = Field(default=256, ge=2, description="distinct prompts per round (by content hash)")
+    heldout_fraction: float = Field(default=0.2, gt=0, lt=1, description="stable share of prompts kept for the gate")
+    # generate (k is the test-time-compute budget)
+    backend: Literal["transformers", "vllm"] = "transformers"
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ... (transformers backend)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    k: int = Field(default=8, ge=2, description="candidates per prompt: the test-time-compute budget")
+    temperatures: list[float] = Field(default_factory=lambda: [0.7, 1.0], min_length=1)
+    strategies: list[Literal["plain", "cot", "structured"]] = Field(default_factory=lambda: ["plain"], min_length=1)
+    max_new_tokens: int = Field(default=128, ge=1)
+    generation_batch_size: int = Field(default=64, ge=1, description="prompts per generate() call")
+    # score: empty means the stream's scorers
+    scorers: list[ScorerSpec] = Field(default_factory=list)
+    # train
+    mode: Literal["grpo", "offline"] = Field(default="grpo", description="online GRPO, or DPO on stored best/worst")
+    steps: int = Field(default=30, ge=1, description="optimizer steps per round")
+    learning_rate: float = Field(default=5e-4, gt=0)
+    batch_prompts: int = Field(default=4, ge=1, description="prompts per RL step")
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_target_modules: list[str] | str = "all-linear"
+    trl: dict[str, Any] = Field(default_factory=dict, description="extra fields for TRL's GRPOConfig / DPOConfig")
+    # gate
+    gate_margin: float = Field(default=0.0, description="least mean held-out reward gain to publish")
+    gate_confidence: float = Field(default=0.9, gt=0, lt=1, description="paired bootstrap one-sided confidence")
+    gate_samples: int = Field(default=1, ge=1, description="responses per held-out prompt (1 = greedy)")
+    # schedule
+    interval_minutes: float | None = Field(default=60.0, gt=0)
+    cron: str | None = Field(default=None, description="crontab expression; replaces interval_minutes")
+    min_new_prompts: int = Field(default=32, ge=0, description="skip a scheduled round until this many new prompts")
+    seed: int = 0
+
+
 @dataclass
 class Settings:
     """All component settings; each reads its own `TAOFLOW_<COMPONENT>_*` variables and `[component]` table."""
@@ -243,6 +285,10 @@ class Settings:
     def stream(self) -> StreamSettings:
         return self._load(StreamSettings, "stream")  # type: ignore[no-any-return]
 
+    @cached_property
+    def learner(self) -> LearnerSettings:
+        return self._load(LearnerSettings, "learner")  # type: ignore[no-any-return]
+
     @property
     def embedded(self) -> bool:
         """True when no Kafka cluster is configured, so the embedded broker is used."""
@@ -261,6 +307,7 @@ class Settings:
             "limits": self.limits,
             "sdk": self.sdk,
             "stream": self.stream,
+            "learner": self.learner,
         }
 
     def environ(self) -> dict[str, str]:

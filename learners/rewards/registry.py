@@ -10,9 +10,11 @@ from typing import Any
 from learners.exceptions import ScorerConfigError
 from learners.rewards import rules
 from learners.rewards.specs import (
+    ArithmeticSpec,
     ExactMatchSpec,
     JsonSpec,
     LengthSpec,
+    LlmJudgeSpec,
     PythonSpec,
     RegexSpec,
     RewardModelSpec,
@@ -86,4 +88,12 @@ def build_scorer(spec: Any) -> Scorer:
 
         model = RewardModel(spec.path, batch_size=spec.batch_size, max_length=spec.max_length)
         return Scorer(spec.part, spec.weight, model, {}, tt)
+    if isinstance(spec, ArithmeticSpec):
+        from learners.tasks import arithmetic_reward
+
+        return Scorer(spec.part, spec.weight, arithmetic_reward, {}, tt)
+    if isinstance(spec, LlmJudgeSpec):
+        from learners.rewards.judge import LlmJudge
+
+        return Scorer(spec.part, spec.weight, LlmJudge(spec), {}, tt)
     raise ScorerConfigError(f"unknown scorer spec {spec!r}")

@@ -53,6 +53,25 @@ class RewardModelSpec(_Spec):
     max_length: int = 1024
 
 
+class ArithmeticSpec(_Spec):
+    type: Literal["arithmetic"] = "arithmetic"
+
+
+class LlmJudgeSpec(_Spec):
+    type: Literal["llm_judge"] = "llm_judge"
+    base_url: str = Field(description="an OpenAI-compatible endpoint, e.g. http://host:8000/v1")
+    model: str
+    mode: Literal["pointwise", "ranking"] = Field(
+        default="pointwise", description="score each response alone, or rank the candidates of a prompt together"
+    )
+    api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
+    rubric: str = "Is the response correct, helpful and well formatted for the request?"
+    concurrency: int = Field(default=8, ge=1, description="requests in flight per batch")
+    timeout_s: float = Field(default=60.0, gt=0)
+    cache_path: str | None = Field(default=None, description="SQLite cache of verdicts; unset: in memory")
+
+
 ScorerSpec = Annotated[
-    RegexSpec | JsonSpec | ExactMatchSpec | LengthSpec | PythonSpec | RewardModelSpec, Field(discriminator="type")
+    RegexSpec | JsonSpec | ExactMatchSpec | LengthSpec | PythonSpec | RewardModelSpec | ArithmeticSpec | LlmJudgeSpec,
+    Field(discriminator="type"),
 ]
