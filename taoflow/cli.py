@@ -109,9 +109,16 @@ def worker(no_lander: bool) -> None:
 
 
 @cli.command()
-def learner() -> None:
-    """The TAO scheduler: runs rounds on an interval or cron schedule."""
-    _later("learner", 4, "TAO learner")
+@click.option("--now", "run_now", is_flag=True, help="Also run a round right away (still subject to min_new_prompts).")
+def learner(run_now: bool) -> None:
+    """The TAO scheduler: runs rounds on an interval or cron schedule.
+
+    Set TAOFLOW_LEARNER_INTERVAL_MINUTES or TAOFLOW_LEARNER_CRON, and TAOFLOW_LEARNER_MIN_NEW_PROMPTS. The
+    job's next run time survives restarts; a round a crash interrupted is marked failed at start.
+    """
+    from learners.scheduler import run_scheduler
+
+    run_scheduler(_settings(), run_now=run_now)
 
 
 @cli.group(cls=_Group)
@@ -120,9 +127,59 @@ def tao() -> None:
 
 
 @tao.command("run")
-def tao_run() -> None:
-    """Run one TAO round now, with a progress bar per stage."""
-    _later("tao run", 4, "TAO learner")
+@click.option("--k", type=int, default=None, help="Candidates per prompt (test-time compute); default learner.k.")
+@click.option("--steps", type=int, default=None, help="RL optimizer steps; default learner.steps.")
+@click.option("--mode", type=click.Choice(["grpo", "offline"]), default=None, help="Default learner.mode.")
+def tao_run(k: int | None, steps: int | None, mode: str | None) -> None:
+    """Run one TAO round now, with a progress bar per stage.
+
+    Prompts come from the `interactions` table (inputs only); the scorers are learner.scorers, else the
+    stream's. Prints the round's outcome; `taoflow sql "SELECT * FROM tao_rounds"` shows every round.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from learners.tao import Reporter, run_round
+    from taoflow.settings import Settings
+
+    overrides = {key: v for key, v in (("k", k), ("steps", steps), ("mode", mode)) if v is not None}
+    settings = Settings(overrides={"learner": overrides}) if overrides else _settings()
+    console = Console(stderr=True)
+
+    class Bars(Reporter):
+        def __init__(self, progress: Progress) -> None:
+            self.progress = progress
+            self.task: Any = None
+
+        def stage(self, name: str, total: int | None = None) -> None:
+            self.task = self.progress.add_task(name, total=total or 1)
+
+        def advance(self, n: int = 1) -> None:
+            if self.task is not None:
+                self.progress.advance(self.task, n)
+
+        def done(self, name: str, seconds: float, note: str = "") -> None:
+            if self.task is not None:
+                total = self.progress.tasks[self.task].total
+                self.progress.update(self.task, completed=total, description=f"{name} ({seconds:.1f}s)")
+            self.task = None
+
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        result = run_round(settings, Bars(progress))
+    m = result.metrics
+    click.echo(
+        f"round {result.round_id}: {result.status}" + (f" -> adapter {result.adapter}" if result.adapter else "")
+    )
+    if result.error:
+        click.echo(f"  {result.error}")
+    shown = ("prompts_selected", "prompts_informative", "prompts_uniform_skipped", "best_of_k_reward",
+             "heldout_reward_current", "heldout_reward_new", "gain", "gain_lcb", "generation_tokens_per_s")  # fmt: skip
+    for key in shown:
+        if key in m:
+            click.echo(f"  {key}: {m[key]:g}")
+    if result.status == "failed":
+        sys.exit(1)
 
 
 @cli.command()
