@@ -91,6 +91,12 @@ class RecordSink:
         finally:
             con.close()
 
+    def __enter__(self) -> RecordSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.producer is not None:
             self.producer.flush(60)

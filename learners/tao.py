@@ -310,6 +310,7 @@ class Round:
             "device": self.device, "records_via": sink.via,
         })  # fmt: skip
         self.work = learner_dir(settings) / "rounds" / rid
+        self.seed = self.cfg.seed + len(load_rounds(settings))  # repeatable, and different every round
         self.metrics: dict[str, float] = {}
 
     @property
@@ -418,9 +419,9 @@ class Round:
         if self.cfg.backend == "vllm":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
             return VllmGenerator(self.base_model, adapter=adapter, max_lora_rank=max(8, self.cfg.lora_r),
-                                 dtype=dtype, seed=self.cfg.seed)  # fmt: skip
+                                 dtype=dtype, seed=self.seed)  # fmt: skip
         model, tok = load_policy(self.base_model, adapter, device=self.device, dtype=self.dtype)
-        return TransformersGenerator(model, tok, batch_size=self.cfg.generation_batch_size, seed=self.cfg.seed)
+        return TransformersGenerator(model, tok, batch_size=self.cfg.generation_batch_size, seed=self.seed)
 
     def generate(self, prompts: list[Prompt]) -> dict[str, list[dict[str, Any]]]:
         """k candidates per prompt, spread over the (strategy, temperature) combinations."""
@@ -503,7 +504,8 @@ class Round:
         if self.cfg.mode == "grpo":
             metrics = training.train_grpo(
                 self.cfg, base_model=self.base_model, parent=self.parent, scorer=self.scorer, device=self.device,
-                dtype=self.dtype, out=out, temperature=max(self.cfg.temperatures), progress=self.reporter.advance,
+                dtype=self.dtype, out=out, temperature=max(self.cfg.temperatures), seed=self.seed,
+                progress=self.reporter.advance,
                 rows=[{"text": r["text"], "task_type": r["task_type"], "metadata": r["metadata"]}
                       for r in informative],
             )  # fmt: skip
@@ -516,7 +518,7 @@ class Round:
             pairs = [{"prompt": render(r["text"], tok), "chosen": r["chosen"], "rejected": r["rejected"]}
                      for r in informative]  # fmt: skip
             metrics = training.train_offline(self.cfg, base_model=self.base_model, parent=self.parent, pairs=pairs,
-                                             device=self.device, dtype=self.dtype, out=out,
+                                             device=self.device, dtype=self.dtype, out=out, seed=self.seed,
                                              progress=self.reporter.advance)  # fmt: skip
         self.metrics.update(metrics)
         gc.collect()
@@ -548,7 +550,7 @@ class Round:
         current = self.evaluate(heldout, self.parent)
         new = self.evaluate(heldout, adapter_dir)
         gain, lcb = paired_bootstrap([b - a for a, b in zip(current, new, strict=True)], self.cfg.gate_confidence,
-                                     self.cfg.seed)  # fmt: skip
+                                     self.seed)  # fmt: skip
         self.metrics.update(
             heldout_reward_current=round(sum(current) / len(current), 4),
             heldout_reward_new=round(sum(new) / len(new), 4),

@@ -20,12 +20,21 @@ QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
 NUMBER = re.compile(r"-?\d+")
 
 
-def arithmetic_prompts(n: int, *, seed: int = 0, low: int = 0, high: int = 19) -> list[str]:
-    """`n` distinct questions "What is a + b?" with operands in [low, high] (fewer when the range runs out)."""
+def arithmetic_prompts(n: int, *, seed: int = 0, low: int = 0, high: int = 9) -> list[str]:
+    """`n` distinct requests "Order 4821: what is a + b?" with operands in [low, high].
+
+    The order number stands for the context real prompts carry: two requests rarely repeat verbatim, while
+    the skill they need (these sums) recurs, as in production traffic.
+    """
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
-    rng.shuffle(pairs)
-    return [f"What is {a} + {b}?" for a, b in pairs[:n]]
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        p = f"Order {rng.randint(1000, 9999)}: What is {rng.randint(low, high)} + {rng.randint(low, high)}?"
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
 
 
 def solve(prompt: str) -> int | None:
@@ -84,7 +93,7 @@ def supervised_train(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         tokenizer.padding_side = pad
     model.eval()

@@ -65,7 +65,7 @@ def _model(base_model: str, parent: Path | None, device: str, dtype: Any) -> tup
     return model, tokenizer, parent
 
 
-def _common(cfg: Any, device: str, out_dir: str, steps: int) -> dict[str, Any]:
+def _common(cfg: Any, device: str, out_dir: str, steps: int, seed: int) -> dict[str, Any]:
     return {
         "output_dir": out_dir,
         "max_steps": steps,
@@ -73,7 +73,7 @@ def _common(cfg: Any, device: str, out_dir: str, steps: int) -> dict[str, Any]:
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": [],
-        "seed": cfg.seed,
+        "seed": seed,
         "use_cpu": device == "cpu",
         "bf16": device.startswith("cuda") and _bf16(),
         "disable_tqdm": True,
@@ -120,6 +120,7 @@ def train_grpo(
     dtype: Any,
     out: Path,
     temperature: float,
+    seed: int,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Online GRPO on the round's informative prompts; the scorers are the reward. Saves the adapter to `out`."""
@@ -134,7 +135,7 @@ def train_grpo(
     )
     with tempfile.TemporaryDirectory(prefix="taoflow-grpo-") as tmp:
         kwargs = {
-            **_common(cfg, device, tmp, cfg.steps),
+            **_common(cfg, device, tmp, cfg.steps, seed),
             "num_generations": cfg.k,
             "per_device_train_batch_size": cfg.k * cfg.batch_prompts,
             "max_completion_length": cfg.max_new_tokens,
@@ -167,6 +168,7 @@ def train_offline(
     device: str,
     dtype: Any,
     out: Path,
+    seed: int,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """DPO on stored candidates: for each informative prompt its best response is chosen over its worst."""
@@ -179,7 +181,7 @@ def train_offline(
     data = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
     with tempfile.TemporaryDirectory(prefix="taoflow-dpo-") as tmp:
         kwargs = {
-            **_common(cfg, device, tmp, cfg.steps),
+            **_common(cfg, device, tmp, cfg.steps, seed),
             "per_device_train_batch_size": cfg.batch_prompts,
             "max_length": 1024,
             **cfg.trl,
