@@ -153,9 +153,9 @@ class LlmJudge:
             if self.spec.mode == "pointwise":
                 system = POINTWISE.format(rubric=rubric)
                 users = [f"Request:\n{_text(p)}\n\nResponse:\n{c}" for p, c in zip(prompts, completions, strict=True)]
-                for i, reply in enumerate(pool.map(lambda u: self._ask(system, u), users)):
-                    out[i] = parse_score(reply)
-                return out
+                unique = list(dict.fromkeys(users))  # a repeated (prompt, response) is asked once
+                replies = dict(zip(unique, pool.map(lambda u: self._ask(system, u), unique), strict=True))
+                return [parse_score(replies[u]) for u in users]
             # ranking: candidates of one prompt sit next to each other; rank each group in one request
             groups: list[list[int]] = []
             for i, p in enumerate(prompts):
