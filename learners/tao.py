@@ -252,6 +252,19 @@ def default_base_model(settings: Settings) -> str:
     return str(path)
 
 
+def check_model(name_or_path: str) -> None:
+    """Fail early, with the fix, when the base model cannot be found (reading its config is cheap)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise LearnerError(
+            f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}. Set TAOFLOW_BASE_MODEL to a local model "
+            "directory (e.g. one made by `taoflow models make-tiny DIR`) or a name already in the local cache"
+        ) from None
+
+
 def build_round_scorer(settings: Settings) -> CompositeScorer:
     specs = settings.learner.scorers or settings.stream.scorers
     if not specs:
@@ -300,6 +313,7 @@ class Round:
         self.dtype = resolve_dtype(self.cfg.dtype, self.device)
         self.scorer = build_round_scorer(settings)
         self.base_model = default_base_model(settings)
+        check_model(self.base_model)
         parent = current_adapter(settings)
         self.parent_name = parent["adapter"] if parent else None
         self.parent = settings.core.adapters_dir / parent["adapter"] if parent else None

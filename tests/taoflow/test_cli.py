@@ -68,8 +68,16 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "taoflow.toml").unlink()
     code, out = run("worker", env={"TAOFLOW_BROKER_PORT": "1"})
     assert code == 1 and "no Kafka answers at 127.0.0.1:1; start it with `taoflow broker`" in out
-    code, out = run("learner")
+    code, out = run("serve")
     assert code == 1 and "not yet available" in out
+    nokafka = {"TAOFLOW_KAFKA_BOOTSTRAP": "127.0.0.1:9"}
+    code, out = run("tao", "run", env=nokafka)
+    assert code == 1 and "error: no scorers configured: set TAOFLOW_LEARNER_SCORERS" in out and "Traceback" not in out
+    code, out = run("tao", "run", env={**nokafka, "TAOFLOW_LEARNER_SCORERS": '[{"type": "arithmetic"}]',
+                                       "TAOFLOW_BASE_MODEL": str(tmp_path / "nowhere")})  # fmt: skip
+    assert code == 1 and "cannot load model" in out and "make-tiny" in out and "Traceback" not in out
+    code, out = run("learner", env={"TAOFLOW_LEARNER_CRON": "every tuesday"})
+    assert code == 1 and "is not a crontab expression" in out
 
 
 def test_broker_command_starts_creates_topics_and_stops_on_sigterm(tmp_path: Path) -> None:
