@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/emit.py
+	$(PY) bench/stream.py
+	$(PY) bench/tao.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
