@@ -183,9 +183,18 @@ def tao_run(k: int | None, steps: int | None, mode: str | None) -> None:
 
 
 @cli.command()
-def serve() -> None:
-    """The OpenAI-compatible gateway and its model backend."""
-    _later("serve", 5, "serving tier")
+@click.option("--port", type=int, default=None, help="Default TAOFLOW_SERVE_PORT (8000).")
+def serve(port: int | None) -> None:
+    """The OpenAI-compatible gateway and its model backend.
+
+    Point any OpenAI client at http://HOST:PORT/v1 with model "taoflow" (routed by utility), an adapter's
+    name, or "base". Every request becomes an interaction; post feedback to /v1/feedback with the
+    interaction id from the response. Published adapters are loaded live as canaries.
+    """
+    from serving.server import run_server
+    from taoflow.settings import Settings
+
+    run_server(Settings(overrides={"serve": {"port": port}}) if port is not None else _settings())
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -246,6 +246,43 @@ class LearnerSettings(_Component):
     seed: int = 0
 
 
+class OperatorSpec(BaseModel):
+    """A serving strategy: a system prompt and/or a template around the user's last message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=120, pattern=r"^[^@/]+$")
+    system_prompt: str | None = None
+    template: str | None = Field(default=None, description="e.g. 'Answer briefly: {prompt}'")
+
+
+class ServeSettings(_Component):
+    """The gateway: address, auth, limits, backend, operators per task type, adapter lifecycle."""
+
+    model_config = SettingsConfigDict(env_prefix="TAOFLOW_SERVE_", extra="forbid")
+    toml_section = "serve"
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model_name: str = Field(default="taoflow", description="the routed model name clients ask for")
+    backend: Literal["transformers", "vllm"] = "transformers"
+    device: str = "auto"
+    vllm_url: str | None = Field(default=None, description="attach to a running vLLM OpenAI server (…/v1)")
+    vllm_launch: bool = Field(default=False, description="start `vllm serve` with runtime LoRA ourselves")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="bearer tokens; empty: no auth (loopback)")
+    admin_keys: list[SecretStr] = Field(default_factory=list, description="bearer tokens of the admin scope")
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_tokens: int = Field(default=256, ge=1, description="default and upper bound of max_tokens")
+    operators: dict[str, list[OperatorSpec]] = Field(
+        default_factory=lambda: {"default": [OperatorSpec(name="default")]},
+        description="per task type; 'default' serves task types not listed",
+    )
+    canary_fraction: float = Field(default=0.1, ge=0, le=1, description="least share of traffic a canary gets")
+    promote_after: int = Field(default=20, ge=1, description="rewards a canary needs before promotion/rollback")
+    rollback_margin: float = Field(default=0.1, ge=0)
+    agent_id: str = "gateway"
+
+
 @dataclass
 class Settings:
     """All component settings; each reads its own `TAOFLOW_<COMPONENT>_*` variables and `[component]` table."""
@@ -289,6 +326,10 @@ class Settings:
     def learner(self) -> LearnerSettings:
         return self._load(LearnerSettings, "learner")  # type: ignore[no-any-return]
 
+    @cached_property
+    def serve(self) -> ServeSettings:
+        return self._load(ServeSettings, "serve")  # type: ignore[no-any-return]
+
     @property
     def embedded(self) -> bool:
         """True when no Kafka cluster is configured, so the embedded broker is used."""
@@ -308,6 +349,7 @@ class Settings:
             "sdk": self.sdk,
             "stream": self.stream,
             "learner": self.learner,
+            "serve": self.serve,
         }
 
     def environ(self) -> dict[str, str]:
@@ -323,7 +365,9 @@ class Settings:
                     continue
                 if isinstance(value, SecretStr):
                     value = value.get_secret_value()
-                if isinstance(value, (list, dict)):
+                if isinstance(value, list) and any(isinstance(v, SecretStr) for v in value):
+                    text = json.dumps([v.get_secret_value() if isinstance(v, SecretStr) else v for v in value])
+                elif isinstance(value, (list, dict)):
                     text = json.dumps(comp.model_dump(mode="json", by_alias=True)[name])
                 else:
                     text = str(value)

@@ -1,0 +1,407 @@
+"""Model backends under the gateway: transformers + PEFT (CPU or GPU, several adapters at once) and vLLM.
+
+Both take a `GenRequest` naming the adapter to use (None: the base model) and hold adapters by name.
+An adapter in use is never unloaded under a request: callers `acquire` it for the request's lifetime and
+`unload_adapter` waits until the last user releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serving.exceptions import BackendDown, BadRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenRequest:
+    """One generation: chat `messages` or a plain `prompt`, sampling parameters, and the adapter to use."""
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    adapter: str | None = None
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    served: str | None = None  # set by the backend: the adapter the generation actually ran with
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"
+
+
+class _Refs:
+    """Requests using each adapter; unloading waits for zero."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = defaultdict(int)
+        self.cond: asyncio.Condition | None = None
+
+    def _cond(self) -> asyncio.Condition:
+        if self.cond is None:
+            self.cond = asyncio.Condition()
+        return self.cond
+
+    def acquire(self, name: str | None) -> None:
+        if name is not None:
+            self.count[name] += 1
+
+    async def release(self, name: str | None) -> None:
+        if name is None:
+            return
+        self.count[name] -= 1
+        async with self._cond():
+            self._cond().notify_all()
+
+    async def idle(self, name: str, timeout: float = 120.0) -> None:
+        async with self._cond():
+            await asyncio.wait_for(self._cond().wait_for(lambda: self.count[name] <= 0), timeout)
+
+
+class Backend:
+    """What the gateway needs from a model server."""
+
+    name = "backend"
+    base_model = ""
+
+    def __init__(self) -> None:
+        self.refs = _Refs()
+        self.adapters: dict[str, str] = {}  # name -> path
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> bool:
+        return True
+
+    def acquire(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            raise BadRequest(f"adapter {adapter!r} is not loaded", status=404, code="model_not_found")
+        self.refs.acquire(adapter)
+
+    async def release(self, adapter: str | None) -> None:
+        await self.refs.release(adapter)
+
+    async def generate(self, req: GenRequest) -> Generation:
+        raise NotImplementedError
+
+    def stream(self, req: GenRequest) -> AsyncIterator[str]:
+        raise NotImplementedError
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    async def unload_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+
+class TransformersBackend(Backend):
+    """A local model through transformers, adapters through PEFT; one generation at a time on one thread,
+    and the adapter is switched inside that same job, so a request always runs on the adapter it was given."""
+
+    name = "transformers"
+
+    def __init__(self, base_model: str, device: str = "auto") -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.device_name = device
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.peft = False
+
+    async def start(self) -> None:
+        from learners.generation import load_policy, resolve_device, resolve_dtype
+
+        device = resolve_device(self.device_name)
+        loop = asyncio.get_running_loop()
+        self.model, self.tokenizer = await loop.run_in_executor(
+            self.pool, lambda: load_policy(self.base_model, None, device=device, dtype=resolve_dtype("auto", device))
+        )
+
+    async def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _render(self, req: GenRequest) -> str:
+        from learners.generation import render
+
+        if req.messages is not None:
+            return render(req.messages, self.tokenizer)
+        return req.prompt or ""
+
+    def _use(self, adapter: str | None) -> Any:
+        """Point the model at `adapter` (on the model thread); returns a context manager for the call."""
+        import contextlib
+
+        if adapter is None:
+            return self.model.disable_adapter() if self.peft else contextlib.nullcontext()
+        if adapter not in self.adapters:
+            raise BadRequest(f"adapter {adapter!r} is not loaded", status=404, code="model_not_found")
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def _current(self) -> str | None:
+        """The adapter the model computes with right now (read on the model thread, inside the call)."""
+        if not self.peft or getattr(self.model.base_model, "_disable_adapters", False):
+            return None
+        active = self.model.active_adapter
+        return str(active) if active in self.adapters else None
+
+    def _kwargs(self, req: GenRequest, enc: Any) -> dict[str, Any]:
+        greedy = req.temperature <= 0
+        return {
+            **enc,
+            "max_new_tokens": req.max_tokens,
+            "do_sample": not greedy,
+            "temperature": None if greedy else req.temperature,
+            "top_p": None if greedy else req.top_p,
+            "top_k": None,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+
+    def _generate(self, req: GenRequest) -> Generation:
+        import torch
+
+        text = self._render(req)
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        if req.seed is not None:
+            torch.manual_seed(req.seed)
+        with self._use(req.adapter), torch.no_grad():
+            req.served = self._current()
+            out = self.model.generate(**self._kwargs(req, enc))
+        new = out[0, enc["input_ids"].shape[1] :]
+        completion = self.tokenizer.decode(new, skip_special_tokens=True)
+        finish = "length" if len(new) >= req.max_tokens else "stop"
+        completion, stopped = _apply_stop(completion, req.stop)
+        return Generation(completion, int(enc["input_ids"].shape[1]), len(new), "stop" if stopped else finish)
+
+    async def generate(self, req: GenRequest) -> Generation:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._generate, req)
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[str]:  # type: ignore[override]
+        """Text pieces as they are generated (the model thread runs the whole generation)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                text = self._render(req)
+                enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+                if req.seed is not None:
+                    torch.manual_seed(req.seed)
+                with self._use(req.adapter), torch.no_grad():
+                    req.served = self._current()
+                    self.model.generate(**self._kwargs(req, enc), streamer=streamer)
+            except BaseException as exc:  # surfaced to the async side below
+                failure.append(exc)
+                streamer.end()
+
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self.pool, run)
+        it = iter(streamer)
+        sent = ""
+        while True:
+            piece = await asyncio.to_thread(next, it, None)
+            if piece is None:
+                break
+            sent += piece
+            _, stopped = _apply_stop(sent, req.stop)
+            if stopped:
+                break
+            if piece:
+                yield piece
+        await job
+        if failure:
+            raise failure[0]
+
+    def _load(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if not self.peft:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.peft = True
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self.model.eval()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if name in self.adapters:
+            return
+        if not (Path(path) / "adapter_config.json").exists():
+            raise BadRequest(f"no adapter at {path}", status=404, code="adapter_not_found")
+        await asyncio.get_running_loop().run_in_executor(self.pool, self._load, name, path)
+        self.adapters[name] = path
+        log.info("adapter %s loaded from %s", name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            return
+        await self.refs.idle(name)  # in-flight requests on it finish first
+        del self.adapters[name]
+        await asyncio.get_running_loop().run_in_executor(self.pool, self.model.delete_adapter, name)
+        log.info("adapter %s unloaded", name)
+
+
+def _apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Cut at the first stop string.
+
+    >>> _apply_stop("a. b. c", [". c"])
+    ('a. b', True)
+    """
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class VllmBackend(Backend):
+    """A vLLM OpenAI-compatible server, attached by URL or launched here, with runtime LoRA loading
+    (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`; the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)."""
+
+    name = "vllm"
+
+    def __init__(self, base_model: str, url: str | None, *, launch: bool = False, port: int = 8100) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.url = (url or f"http://127.0.0.1:{port}/v1").rstrip("/")
+        self.launch = launch
+        self.port = port
+        self.proc: Any = None
+        self.client: Any = None
+
+    async def start(self) -> None:
+        import httpx
+
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(300.0, connect=5.0))
+        if self.launch:
+            import os
+            import subprocess
+
+            env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+            cmd = ["vllm", "serve", self.base_model, "--enable-lora", "--port", str(self.port), "--max-lora-rank", "64"]
+            try:
+                self.proc = subprocess.Popen(cmd, env=env)
+            except FileNotFoundError:
+                raise BackendDown("vLLM is not installed: pip install 'taoflow[gpu]'") from None
+            deadline = time.monotonic() + 900
+            while not await self.health():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise BackendDown(f"vLLM did not come up on {self.url}")
+                await asyncio.sleep(2)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+        if self.proc is not None:
+            self.proc.terminate()
+
+    async def health(self) -> bool:
+        import httpx
+
+        try:
+            return bool((await self.client.get("/models")).status_code == 200)
+        except httpx.HTTPError:
+            return False
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        import httpx
+
+        try:
+            resp = await self.client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise BackendDown(f"the vLLM server at {self.url} is unreachable: {exc}") from None
+        if resp.status_code >= 500:
+            raise BackendDown(f"the vLLM server at {self.url} failed: {resp.status_code} {resp.text[:200]}")
+        if resp.status_code >= 400:
+            raise BadRequest(f"vLLM refused {path}: {resp.text[:300]}", status=resp.status_code)
+        return (
+            resp.json() if resp.content and resp.headers.get("content-type", "").startswith("application/json") else {}
+        )
+
+    def _body(self, req: GenRequest) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "model": req.adapter or self.base_model,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+        }
+        if req.stop:
+            body["stop"] = req.stop
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.messages is not None:
+            return "/chat/completions", {**body, "messages": req.messages}
+        return "/completions", {**body, "prompt": req.prompt or ""}
+
+    async def generate(self, req: GenRequest) -> Generation:
+        path, body = self._body(req)
+        data = await self._post(path, body)
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        usage = data.get("usage") or {}
+        return Generation(
+            text or "",
+            int(usage.get("prompt_tokens", 0)),
+            int(usage.get("completion_tokens", 0)),
+            choice.get("finish_reason") or "stop",
+        )
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[str]:  # type: ignore[override]
+        import httpx
+        import orjson
+
+        path, body = self._body(req)
+        try:
+            async with self.client.stream("POST", path, json={**body, "stream": True}) as resp:
+                if resp.status_code >= 400:
+                    raise BackendDown(f"the vLLM server at {self.url} failed: {resp.status_code}")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = orjson.loads(line[6:])["choices"][0]
+                    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                    if piece:
+                        yield piece
+        except httpx.HTTPError as exc:
+            raise BackendDown(f"the vLLM server at {self.url} is unreachable: {exc}") from None
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if name in self.adapters:
+            return
+        await self._post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        self.adapters[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            return
+        await self.refs.idle(name)
+        await self._post("/unload_lora_adapter", {"lora_name": name})
+        del self.adapters[name]
+
+
+def build_backend(settings: Any) -> Backend:
+    from learners.tao import check_model, default_base_model
+
+    cfg = settings.serve
+    base = default_base_model(settings)
+    if cfg.backend == "vllm":
+        return VllmBackend(base, cfg.vllm_url, launch=cfg.vllm_launch)
+    check_model(base)
+    return TransformersBackend(base, cfg.device)

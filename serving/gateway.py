@@ -1,0 +1,717 @@
+"""The OpenAI-compatible gateway: routes each request to an operator, serves it, captures it as an interaction.
+
+Endpoints: `/v1/chat/completions` (also streaming), `/v1/completions`, `/v1/models`, `/v1/feedback`,
+`/healthz`, `/metrics`, and `/admin/*` (admin scope). Errors use OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with the matching HTTP status.
+
+Task type comes from the `X-Taoflow-Task-Type` header or `metadata.task_type`; an operator can be forced
+with `X-Taoflow-Operator` / `metadata.operator`, an adapter by asking for it as the model. Every response
+carries its interaction id (`X-Taoflow-Interaction-Id` header and `interaction_id` in the body) for
+`/v1/feedback`. Capture goes through the SDK's Emitter, which never blocks the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas import AdapterEvent
+from schemas import topics as names
+from serving.backends import Backend, Generation, GenRequest
+from serving.exceptions import AuthError, BadRequest, ServingError
+from serving.router import Decision, Operator, Router
+from taoflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASK_HEADER = "x-taoflow-task-type"
+OPERATOR_HEADER = "x-taoflow-operator"
+AGENT_HEADER = "x-taoflow-agent"
+ID_HEADER = "X-Taoflow-Interaction-Id"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI parameters are accepted and ignored
+
+    model: str
+    messages: list[_Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    prompt: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    interaction_id: str = Field(min_length=1)
+    kind: str
+    value: float
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def _text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def _pydantic_error(exc: ValidationError) -> str:
+    e = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in e["loc"]) or "body"
+    return f"field '{where}': {e['msg']}"
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "taoflow_gateway_requests",
+            "Requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "taoflow_gateway_request_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.tokens = Counter("taoflow_gateway_tokens", "Tokens by kind", ["kind"], registry=self.registry)
+        self.capture_errors = Counter(
+            "taoflow_gateway_capture_errors", "Interactions not captured", registry=self.registry
+        )
+        self.adapters = Gauge("taoflow_gateway_adapters_loaded", "Adapters loaded", registry=self.registry)
+        self.transitions = Counter(
+            "taoflow_gateway_adapter_transitions", "Adapter lifecycle transitions", ["action"], registry=self.registry
+        )
+        self.operator = Counter(
+            "taoflow_gateway_operator_requests",
+            "Requests per chosen operator",
+            ["task_type", "operator"],
+            registry=self.registry,
+        )
+
+
+class Gateway:
+    """The gateway's state: backend, router, emitter, Kafka feeds; `app()` builds the FastAPI app."""
+
+    def __init__(self, settings: Settings, backend: Backend, *, emitter: Any = None, kafka: bool | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.serve
+        self.backend = backend
+        self.router = Router(self.cfg, initial_utility=settings.stream.initial_utility, noise_s=settings.stream.noise_s)
+        self.emitter = emitter
+        self.kafka = kafka
+        self.metrics = _Metrics()
+        self.producer: Any = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.ready: asyncio.Event | None = None  # set once the feeds caught up (start())
+        self.api_keys = {k.get_secret_value() for k in self.cfg.api_keys}
+        self.admin_keys = {k.get_secret_value() for k in self.cfg.admin_keys}
+        self.audit: list[dict[str, Any]] = []  # (interaction, routed adapter, served adapter): checked by tests
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from taoflow.broker import reachable
+
+        await self.backend.start()
+        if self.kafka is None:
+            self.kafka = reachable(self.settings.bootstrap, timeout=1.0)
+        if self.emitter is None:
+            from taoflow.emitter import Emitter
+
+            self.emitter = Emitter(self.settings, agent_id=self.cfg.agent_id)
+        self.ready = asyncio.Event()
+        if self.kafka:
+            from aiokafka import AIOKafkaProducer
+
+            self.producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.bootstrap, acks="all", **self.settings.kafka.security_kwargs()
+            )
+            await self.producer.start()
+            self.tasks.append(asyncio.create_task(self._feed(), name="taoflow-gateway-feed"))
+            await asyncio.wait_for(self.ready.wait(), 120)
+        else:
+            log.warning(
+                "Kafka at %s is unreachable: no live utilities or adapter events (interactions spool to "
+                "disk until it is back)",
+                self.settings.bootstrap,
+            )
+            self.ready.set()
+        if not self.api_keys and not self.admin_keys:
+            log.warning("no API keys configured (TAOFLOW_SERVE_API_KEYS): the gateway accepts every request")
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self.producer is not None:
+            await self.producer.stop()
+        if self.emitter is not None:
+            await asyncio.to_thread(self.emitter.close)
+        await self.backend.close()
+
+    async def _feed(self) -> None:
+        """Utilities and adapter events from the beginning of their topics, then live."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False, **self.settings.kafka.security_kwargs()
+        )
+        await consumer.start()
+        try:
+            tps = []
+            for topic in (names.UTILITIES, names.ADAPTERS):
+                parts = consumer.partitions_for_topic(topic)
+                for _ in range(50):
+                    if parts:
+                        break
+                    await consumer.force_metadata_update()
+                    parts = consumer.partitions_for_topic(topic)
+                    await asyncio.sleep(0.1)
+                tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            pending = {tp for tp, end in ends.items() if end > 0}
+            live = not pending
+            if live:
+                await self._catch_up_done()
+            while True:
+                batch = await consumer.getmany(timeout_ms=100, max_records=5000)
+                for tp, records in batch.items():
+                    for rec in records:
+                        await self._on_record(rec, live)
+                    if not live and records and records[-1].offset + 1 >= ends[tp]:
+                        pending.discard(tp)
+                if not live and (not pending or all(await self._reached(consumer, tp, ends[tp]) for tp in pending)):
+                    live = True
+                    await self._catch_up_done()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the gateway's Kafka feed failed; routing keeps the last utilities it saw")
+            if self.ready is not None:
+                self.ready.set()
+        finally:
+            await consumer.stop()
+
+    @staticmethod
+    async def _reached(consumer: Any, tp: Any, end: int) -> bool:
+        return bool(await consumer.position(tp) >= end)
+
+    async def _catch_up_done(self) -> None:
+        """After replay: load the adapters the lifecycle state names, then serve."""
+        r = self.router
+        for name in [n for n in (r.incumbent, r.canary, *(r.history[-1:])) if n]:
+            try:
+                await self.backend.load_adapter(name, str(self.settings.core.adapters_dir / name))
+            except ServingError as exc:
+                log.error("cannot load adapter %s from the lifecycle state: %s", name, exc)
+                r.apply_event("rolled_back", name)
+        self.metrics.adapters.set(len(self.backend.adapters))
+        log.info("gateway routing state: %s", r.state())
+        assert self.ready is not None
+        self.ready.set()
+
+    async def _on_record(self, rec: Any, live: bool) -> None:
+        try:
+            doc = orjson.loads(rec.value)
+        except orjson.JSONDecodeError:
+            return
+        if rec.topic == names.UTILITIES:
+            self.router.update_utility(doc["task_type"], doc["operator"], doc["utility"], doc["n"])
+            if live:
+                decision = self.router.decide()
+                if decision is not None:
+                    await self._apply_decision(decision)
+            return
+        action, name = doc.get("action"), doc.get("adapter")
+        if action not in ("published", "promoted", "rolled_back") or not name:
+            return
+        if not live:
+            self.router.apply_event(action, name)
+            return
+        if action == "published" and name not in self.backend.adapters and name != self.router.incumbent:
+            path = doc.get("path") or str(self.settings.core.adapters_dir / name)
+            try:
+                await self.backend.load_adapter(name, path)
+            except ServingError as exc:
+                log.error("published adapter %s could not be loaded: %s", name, exc)
+                return
+            self.router.apply_event("published", name)
+            self.metrics.adapters.set(len(self.backend.adapters))
+            await self._announce("loaded", name, path=path)
+            await self._announce("canary", name, path=path, reason="published by the learner; serving as canary")
+        else:
+            self.router.apply_event(action, name)
+
+    async def _apply_decision(self, d: Decision) -> None:
+        self.metrics.transitions.labels(d.action).inc()
+        log.info("adapter %s %s: %s", d.adapter, d.action, d.reason)
+        await self._announce(d.action, d.adapter, reason=d.reason, metrics=d.metrics)
+        if d.action == "rolled_back":
+            self.tasks.append(asyncio.create_task(self._unload(d.adapter)))
+
+    async def _unload(self, name: str) -> None:
+        await self.backend.unload_adapter(name)  # waits for requests still on it
+        self.metrics.adapters.set(len(self.backend.adapters))
+        await self._announce("unloaded", name)
+
+    async def _announce(self, action: str, name: str, **fields: Any) -> None:
+        event = AdapterEvent(adapter=name, action=action, base_model=self.backend.base_model, **fields)  # type: ignore[arg-type]
+        if self.producer is None:
+            return
+        try:
+            await self.producer.send_and_wait(names.ADAPTERS, event.to_json_bytes(), key=event.key())
+        except Exception:
+            log.exception("could not publish the %s event of adapter %s", action, name)
+
+    # -- request handling -----------------------------------------------------------------------------------
+
+    def check_auth(self, authorization: str | None, admin: bool = False) -> str | None:
+        keys = self.admin_keys if admin else self.api_keys | self.admin_keys
+        if not keys:
+            if admin:
+                raise AuthError("admin endpoints need TAOFLOW_SERVE_ADMIN_KEYS", status=403, code="admin_disabled")
+            return None
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not token or not any(hmac.compare_digest(token, k) for k in keys):
+            raise AuthError("invalid or missing API key (Authorization: Bearer <key>)")
+        return token
+
+    def resolve_model(self, model: str) -> tuple[bool, str | None]:
+        """(routed, forced adapter): the routed name, an adapter by name, or the base model."""
+        if model == self.cfg.model_name:
+            return True, None
+        if model in self.backend.adapters:
+            return False, model
+        if model in ("base", self.backend.base_model):
+            return False, "base"
+        raise BadRequest(f"the model {model!r} does not exist; see /v1/models", status=404, code="model_not_found")
+
+    def models(self) -> list[str]:
+        return [self.cfg.model_name, "base", *sorted(self.backend.adapters)]
+
+    @staticmethod
+    def apply_operator(op: Operator, messages: list[dict[str, Any]] | None, prompt: str | None) -> Any:
+        spec = op.spec
+        if messages is not None:
+            out = [dict(m) for m in messages]
+            if spec.template:
+                for m in reversed(out):
+                    if m["role"] == "user":
+                        m["content"] = spec.template.replace("{prompt}", m["content"] or "")
+                        break
+            if spec.system_prompt:
+                out.insert(0, {"role": "system", "content": spec.system_prompt})
+            return out
+        text = spec.template.replace("{prompt}", prompt or "") if spec.template else prompt or ""
+        return f"{spec.system_prompt}\n\n{text}" if spec.system_prompt else text
+
+    def capture(
+        self,
+        *,
+        iid: str,
+        task_type: str,
+        op: Operator,
+        prompt: Any,
+        gen: Generation,
+        latency_ms: float,
+        agent: str | None,
+        model: str,
+        endpoint: str,
+        stream: bool,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        meta = {k: v for k, v in (metadata or {}).items() if k not in ("task_type", "operator")}
+        meta.update(
+            model=model,
+            endpoint=endpoint,
+            stream=stream,
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+            finish_reason=gen.finish_reason,
+        )
+        try:
+            self.emitter.emit_interaction(
+                task_type=task_type,
+                operator=op.name,
+                prompt=prompt,
+                response=gen.text,
+                adapter=op.adapter,
+                latency_ms=latency_ms,
+                metadata=meta,
+                event_id=iid,
+                agent_id=agent or self.cfg.agent_id,
+            )
+        except Exception:
+            self.metrics.capture_errors.inc()
+            log.exception("interaction %s not captured", iid)
+        self.metrics.tokens.labels("prompt").inc(gen.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+
+
+def build_app(gateway: Gateway) -> Any:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(title="taoflow gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    gw = gateway
+
+    def error(exc: ServingError) -> JSONResponse:
+        body = {"error": {"message": str(exc), "type": exc.type, "param": None, "code": exc.code}}
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ServingError)
+    async def on_serving_error(request: Request, exc: ServingError) -> JSONResponse:
+        return error(exc)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error(ServingError(f"internal error: {type(exc).__name__}"))
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        endpoint = request.url.path
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > gw.cfg.max_request_bytes:
+            response = error(
+                BadRequest(
+                    f"request body of {size} bytes exceeds the limit of {gw.cfg.max_request_bytes}",
+                    status=413,
+                    code="request_too_large",
+                )
+            )
+        else:
+            response = await call_next(request)
+        gw.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        gw.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    async def body_of(request: Request, model: type[BaseModel]) -> Any:
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > gw.cfg.max_request_bytes:
+                raise BadRequest(
+                    f"request body exceeds the limit of {gw.cfg.max_request_bytes} bytes",
+                    status=413,
+                    code="request_too_large",
+                )
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(doc, dict):
+            raise BadRequest("the body must be a JSON object", code="invalid_json")
+        try:
+            return model.model_validate(doc)
+        except ValidationError as exc:
+            raise BadRequest(_pydantic_error(exc), code="invalid_request") from None
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        ok = await gw.backend.health()
+        body = {
+            "status": "ok" if ok else "backend_down",
+            "backend": gw.backend.name,
+            "base_model": gw.backend.base_model,
+            "adapters": sorted(gw.backend.adapters),
+            "routing": gw.router.state(),
+            "kafka": bool(gw.kafka),
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        gw.check_auth(request.headers.get("authorization"))
+        now = int(time.time())
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "created": now, "owned_by": "taoflow"} for m in gw.models()],
+            }
+        )
+
+    def route(request: Request, req: Any) -> tuple[str, Operator]:
+        meta = req.metadata or {}
+        task_type = request.headers.get(TASK_HEADER) or str(meta.get("task_type") or "default")
+        forced_op = request.headers.get(OPERATOR_HEADER) or meta.get("operator")
+        if req.n != 1:
+            raise BadRequest("only n = 1 is supported", code="unsupported_parameter")
+        routed, adapter = gw.resolve_model(req.model)
+        op = gw.router.choose(task_type, operator=forced_op, adapter=None if routed else adapter)
+        gw.metrics.operator.labels(task_type, op.name).inc()
+        return task_type, op
+
+    async def serve(request: Request, req: Any, endpoint: str) -> Any:
+        gw.check_auth(request.headers.get("authorization"))
+        task_type, op = route(request, req)
+        chat = endpoint == "chat"
+        messages = (
+            [
+                {"role": m.role, "content": _text(m.content), **({"name": m.name} if m.name else {})}
+                for m in req.messages
+            ]
+            if chat
+            else None
+        )
+        shaped = gw.apply_operator(op, messages, None if chat else req.prompt)
+        max_tokens = min(
+            req.max_tokens or getattr(req, "max_completion_tokens", None) or gw.cfg.max_tokens, gw.cfg.max_tokens
+        )
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        gen_req = GenRequest(
+            messages=shaped if chat else None,
+            prompt=None if chat else shaped,
+            adapter=op.adapter,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=stop,
+            seed=req.seed,
+        )
+        iid = str(uuid.uuid4())
+        agent = request.headers.get(AGENT_HEADER)
+        original = messages if chat else req.prompt
+        headers = {
+            ID_HEADER: iid,
+            "X-Taoflow-Operator": op.name,
+            "X-Taoflow-Adapter": op.adapter or "base",
+            "X-Taoflow-Task-Type": task_type,
+        }
+        created = int(time.time())
+        extra = {"interaction_id": iid, "taoflow": {"operator": op.name, "adapter": op.adapter, "task_type": task_type}}
+        gw.backend.acquire(op.adapter)
+        t0 = time.perf_counter()
+        if req.stream:
+            return StreamingResponse(
+                stream(gen_req, op, iid, created, req, chat, extra, original, task_type, agent, t0),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        try:
+            gen = await gw.backend.generate(gen_req)
+        finally:
+            await gw.backend.release(op.adapter)
+        latency = (time.perf_counter() - t0) * 1000
+        gw.audit.append({"iid": iid, "routed": op.adapter, "served": gen_req.served, "text": gen.text})
+        gw.capture(
+            iid=iid,
+            task_type=task_type,
+            op=op,
+            prompt=original,
+            gen=gen,
+            latency_ms=latency,
+            agent=agent,
+            model=req.model,
+            endpoint=endpoint,
+            stream=False,
+            metadata=req.metadata,
+        )
+        usage = {
+            "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+        }
+        if chat:
+            body = {
+                "id": f"chatcmpl-{iid}",
+                "object": "chat.completion",
+                "created": created,
+                "model": req.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": gen.text},
+                        "finish_reason": gen.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage,
+                **extra,
+            }
+        else:
+            body = {
+                "id": f"cmpl-{iid}",
+                "object": "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [{"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None}],
+                "usage": usage,
+                **extra,
+            }
+        return JSONResponse(body, headers=headers)
+
+    async def stream(
+        gen_req: GenRequest,
+        op: Operator,
+        iid: str,
+        created: int,
+        req: Any,
+        chat: bool,
+        extra: dict[str, Any],
+        original: Any,
+        task_type: str,
+        agent: str | None,
+        t0: float,
+    ) -> AsyncIterator[bytes]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        cid = f"chatcmpl-{iid}" if chat else f"cmpl-{iid}"
+
+        def chunk(delta: str | None, finish: str | None = None, role: bool = False) -> bytes:
+            if chat:
+                d: dict[str, Any] = {"role": "assistant"} if role else {}
+                if delta:
+                    d["content"] = delta
+                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            doc = {"id": cid, "object": obj, "created": created, "model": req.model, "choices": [choice], **extra}
+            return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+        text = ""
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            async for piece in gw.backend.stream(gen_req):
+                text += piece
+                yield chunk(piece)
+            yield chunk(None, "stop")
+            yield b"data: [DONE]\n\n"
+        except ServingError as exc:
+            err = {"error": {"message": str(exc), "type": exc.type, "code": exc.code}}
+            yield b"data: " + orjson.dumps(err) + b"\n\n"
+            return
+        finally:
+            await gw.backend.release(op.adapter)
+        gw.audit.append({"iid": iid, "routed": op.adapter, "served": gen_req.served, "text": text})
+        tok = getattr(gw.backend, "tokenizer", None)
+        n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else 0
+        gen = Generation(text, 0, n_completion, "stop")
+        gw.capture(
+            iid=iid,
+            task_type=task_type,
+            op=op,
+            prompt=original,
+            gen=gen,
+            latency_ms=(time.perf_counter() - t0) * 1000,
+            agent=agent,
+            model=req.model,
+            endpoint="chat" if chat else "completions",
+            stream=True,
+            metadata=req.metadata,
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await serve(request, await body_of(request, ChatRequest), "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await serve(request, await body_of(request, CompletionRequest), "completions")
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        gw.check_auth(request.headers.get("authorization"))
+        fb = await body_of(request, FeedbackRequest)
+        from schemas.exceptions import EventValidationError
+
+        try:
+            eid = gw.emitter.emit_feedback(
+                interaction_id=fb.interaction_id, kind=fb.kind, value=fb.value, metadata=fb.metadata
+            )
+        except EventValidationError as exc:
+            raise BadRequest(str(exc), code="invalid_feedback") from None
+        return JSONResponse(
+            {"event_id": eid, "interaction_id": fb.interaction_id, "status": "accepted"}, status_code=202
+        )
+
+    @app.get("/admin/state")
+    async def admin_state(request: Request) -> JSONResponse:
+        gw.check_auth(request.headers.get("authorization"), admin=True)
+        return JSONResponse(
+            {
+                "routing": gw.router.state(),
+                "adapters": gw.backend.adapters,
+                "utilities": [
+                    {"task_type": t, "operator": o, "utility": u, "n": n}
+                    for (t, o), (u, n) in sorted(gw.router.utilities.items())
+                ],
+            }
+        )
+
+    @app.post("/admin/adapters/{name}/rollback")
+    async def admin_rollback(name: str, request: Request) -> JSONResponse:
+        gw.check_auth(request.headers.get("authorization"), admin=True)
+        r = gw.router
+        if name not in (r.canary, r.incumbent):
+            raise BadRequest(
+                f"adapter {name!r} is neither the canary nor the incumbent", status=404, code="adapter_not_found"
+            )
+        r.apply_event("rolled_back", name)
+        await gw._apply_decision(Decision("rolled_back", name, "rolled back by an operator (admin API)"))
+        return JSONResponse({"routing": r.state()})
+
+    return app
