@@ -151,6 +151,7 @@ class Gateway:
         self.ready: asyncio.Event | None = None  # set once the feeds caught up (start())
         self.api_keys = {k.get_secret_value() for k in self.cfg.api_keys}
         self.admin_keys = {k.get_secret_value() for k in self.cfg.admin_keys}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.audit: list[dict[str, Any]] = []  # (interaction, routed adapter, served adapter): checked by tests
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -158,6 +159,7 @@ class Gateway:
     async def start(self) -> None:
         from taoflow.broker import reachable
 
+        self.loop = asyncio.get_running_loop()
         await self.backend.start()
         if self.kafka is None:
             self.kafka = reachable(self.settings.bootstrap, timeout=1.0)

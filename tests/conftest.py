@@ -40,6 +40,14 @@ def broker() -> Iterator[EmbeddedBroker]:
     b.stop()
 
 
+@pytest.fixture(scope="session")
+def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model given a short supervised warm-up on small sums: weak, not random (built once per session)."""
+    from learners.tasks import make_warm_model
+
+    return make_warm_model(tmp_path_factory.mktemp("models") / "warm", steps=200, examples=60)
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     """Settings factory: data under tmp_path; pass `bootstrap=` and per-component overrides."""

@@ -7,18 +7,10 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
-from learners.tasks import make_warm_model
 from streams import store
 from taoflow.settings import Settings
 
 NO_KAFKA = "127.0.0.1:9"  # nothing listens: the learner writes the DuckDB file itself
-
-
-@pytest.fixture(scope="session")
-def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_warm_model(tmp_path_factory.mktemp("models") / "warm", steps=200, examples=60)
 
 
 def land_prompts(settings: Settings, prompts: list[str], task_type: str = "math") -> None:
