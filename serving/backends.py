@@ -125,6 +125,7 @@ class TransformersBackend(Backend):
         self.model: Any = None
         self.tokenizer: Any = None
         self.peft = False
+        self._probe: Any = None  # one LoRA layer, read to tell which adapter a forward pass uses
 
     async def start(self) -> None:
         from learners.generation import load_policy, resolve_device, resolve_dtype
@@ -158,10 +159,17 @@ class TransformersBackend(Backend):
 
     def _current(self) -> str | None:
         """The adapter the model computes with right now (read on the model thread, inside the call)."""
-        if not self.peft or getattr(self.model.base_model, "_disable_adapters", False):
+        if not self.peft:
             return None
-        active = self.model.active_adapter
-        return str(active) if active in self.adapters else None
+        from peft.tuners.lora import LoraLayer
+
+        # what a LoRA layer's forward() will use: its own flags, not the wrapper's bookkeeping
+        if self._probe is None:
+            self._probe = next(m for m in self.model.modules() if isinstance(m, LoraLayer))
+        layer = self._probe
+        if layer.disable_adapters or not layer.active_adapters:
+            return None
+        return str(layer.active_adapters[0])
 
     def _kwargs(self, req: GenRequest, enc: Any) -> dict[str, Any]:
         greedy = req.temperature <= 0
@@ -242,6 +250,7 @@ class TransformersBackend(Backend):
         else:
             self.model.load_adapter(path, adapter_name=name)
         self.model.eval()
+        self._probe = None
 
     async def load_adapter(self, name: str, path: str) -> None:
         if name in self.adapters:
@@ -257,8 +266,18 @@ class TransformersBackend(Backend):
             return
         await self.refs.idle(name)  # in-flight requests on it finish first
         del self.adapters[name]
-        await asyncio.get_running_loop().run_in_executor(self.pool, self.model.delete_adapter, name)
+        await asyncio.get_running_loop().run_in_executor(self.pool, self._delete, name)
         log.info("adapter %s unloaded", name)
+
+    def _delete(self, name: str) -> None:
+        if not self.adapters:  # the last one: back to the plain base model (PEFT needs an adapter to exist)
+            self.model = self.model.unload()
+            self.peft = False
+            self._probe = None
+            return
+        if self.model.active_adapter == name:
+            self.model.set_adapter(next(iter(self.adapters)))
+        self.model.delete_adapter(name)
 
 
 def _apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:

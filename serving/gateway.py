@@ -152,6 +152,7 @@ class Gateway:
         self.api_keys = {k.get_secret_value() for k in self.cfg.api_keys}
         self.admin_keys = {k.get_secret_value() for k in self.cfg.admin_keys}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.instance = uuid.uuid4().hex  # marks the adapter events this process emits (it skips their echo)
         self.audit: list[dict[str, Any]] = []  # (interaction, routed adapter, served adapter): checked by tests
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -275,6 +276,8 @@ class Gateway:
                     await self._apply_decision(decision)
             return
         action, name = doc.get("action"), doc.get("adapter")
+        if live and (doc.get("metadata") or {}).get("gateway") == self.instance:
+            return  # our own decision coming back: already applied (a late echo must not undo a later one)
         if action not in ("published", "promoted", "rolled_back") or not name:
             return
         if not live:
@@ -307,7 +310,13 @@ class Gateway:
         await self._announce("unloaded", name)
 
     async def _announce(self, action: str, name: str, **fields: Any) -> None:
-        event = AdapterEvent(adapter=name, action=action, base_model=self.backend.base_model, **fields)  # type: ignore[arg-type]
+        event = AdapterEvent(
+            adapter=name,
+            action=action,
+            base_model=self.backend.base_model,
+            metadata={"gateway": self.instance},
+            **fields,
+        )  # type: ignore[arg-type]
         if self.producer is None:
             return
         try:
