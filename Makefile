@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/emit.py
 	$(PY) bench/stream.py
 	$(PY) bench/tao.py
+	$(PY) bench/gateway.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
