@@ -35,6 +35,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     served: str | None = None  # set by the backend: the adapter the generation actually ran with
+    prompt_tokens: int = 0  # set by the backend when it streams
 
 
 @dataclass
@@ -214,6 +215,7 @@ class TransformersBackend(Backend):
             try:
                 text = self._render(req)
                 enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+                req.prompt_tokens = int(enc["input_ids"].shape[1])
                 if req.seed is not None:
                     torch.manual_seed(req.seed)
                 with self._use(req.adapter), torch.no_grad():

@@ -660,7 +660,7 @@ def build_app(gateway: Gateway) -> Any:
         gw.audit.append({"iid": iid, "routed": op.adapter, "served": gen_req.served, "text": text})
         tok = getattr(gw.backend, "tokenizer", None)
         n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else 0
-        gen = Generation(text, 0, n_completion, "stop")
+        gen = Generation(text, gen_req.prompt_tokens, n_completion, "stop")
         gw.capture(
             iid=iid,
             task_type=task_type,

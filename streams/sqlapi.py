@@ -88,11 +88,31 @@ def query(sql: str, settings: Settings | None = None, timeout: float = 60.0) -> 
     return _query_file(settings.core.duckdb_path, sql)
 
 
+def _ensure_views(path: Path) -> None:
+    """A file written by an older version lacks the views: add them while nobody holds it (cheap, idempotent)."""
+    import duckdb
+
+    from streams import store
+
+    try:
+        con = duckdb.connect(str(path))
+    except duckdb.Error:
+        return  # held by another process: it created them when it opened the file
+    try:
+        has = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'round_history'").fetchone()
+        if not has or not has[0]:
+            con.execute(store.DDL)
+            con.execute(store.VIEWS)
+    finally:
+        con.close()
+
+
 def _query_file(path: Path, sql: str) -> QueryResult:
     import duckdb
 
     if not path.exists():
         raise QueryError(f"no outcome database at {path}; start `taoflow worker` (or `taoflow up`) first")
+    _ensure_views(path)
     try:
         con = duckdb.connect(str(path), read_only=True)
     except duckdb.IOException as exc:

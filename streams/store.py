@@ -125,6 +125,73 @@ CREATE TABLE IF NOT EXISTS adapters (
 );
 """
 
+# Views: what users query to see whether the loop improves (README, "Watching the loop").
+VIEWS = """
+CREATE OR REPLACE VIEW final_scores AS
+SELECT * FROM scores QUALIFY row_number() OVER (PARTITION BY interaction_id ORDER BY revision DESC) = 1;
+
+CREATE OR REPLACE MACRO improvement_by(width) AS TABLE
+SELECT time_bucket(width, ts) AS bucket, coalesce(adapter, 'base') AS adapter, task_type,
+       count(*) AS n, avg(reward) AS mean_reward,
+       avg(reward) - 1.96 * coalesce(stddev_samp(reward), 0) / sqrt(count(*)) AS ci_low,
+       avg(reward) + 1.96 * coalesce(stddev_samp(reward), 0) / sqrt(count(*)) AS ci_high
+FROM final_scores GROUP BY ALL ORDER BY bucket, adapter, task_type;
+
+CREATE OR REPLACE VIEW improvement AS SELECT * FROM improvement_by(INTERVAL 1 HOUR);
+
+CREATE OR REPLACE VIEW operator_leaderboard AS
+WITH sel AS (SELECT task_type, operator, count(*) AS picks FROM interactions GROUP BY ALL),
+     rew AS (SELECT task_type, operator, avg(reward) AS mean_reward, count(*) AS rewarded
+             FROM final_scores GROUP BY ALL),
+     ops AS (SELECT task_type, operator FROM utilities UNION SELECT task_type, operator FROM sel)
+SELECT ops.task_type, ops.operator,
+       rank() OVER (PARTITION BY ops.task_type ORDER BY u.utility DESC NULLS LAST) AS rank,
+       u.utility, u.n AS utility_n,
+       coalesce(sel.picks, 0) AS picks,
+       coalesce(sel.picks, 0) / nullif(sum(coalesce(sel.picks, 0)) OVER (PARTITION BY ops.task_type), 0)
+           AS selection_share,
+       rew.mean_reward, coalesce(rew.rewarded, 0) AS rewarded, u.ts AS last_update
+FROM ops
+LEFT JOIN utilities u USING (task_type, operator)
+LEFT JOIN sel USING (task_type, operator)
+LEFT JOIN rew USING (task_type, operator)
+ORDER BY ops.task_type, rank, ops.operator;
+
+CREATE OR REPLACE VIEW round_history AS
+SELECT round_id, status AS decision, started_at, finished_at,
+       date_diff('millisecond', started_at, finished_at) / 1000.0 AS seconds,
+       prompts, heldout, CAST(metrics->>'candidates' AS DOUBLE) AS candidates,
+       CAST(metrics->>'prompts_uniform_skipped' AS DOUBLE) AS prompts_without_signal,
+       CAST(metrics->>'heldout_reward_current' AS DOUBLE) AS reward_before,
+       CAST(metrics->>'heldout_reward_new' AS DOUBLE) AS reward_after,
+       CAST(metrics->>'gain' AS DOUBLE) AS gain, CAST(metrics->>'gain_lcb' AS DOUBLE) AS gain_lower_bound,
+       CAST(timings->>'select' AS DOUBLE) AS select_s, CAST(timings->>'generate' AS DOUBLE) AS generate_s,
+       CAST(timings->>'score' AS DOUBLE) AS score_s, CAST(timings->>'train' AS DOUBLE) AS train_s,
+       CAST(timings->>'gate' AS DOUBLE) AS gate_s, CAST(timings->>'publish' AS DOUBLE) AS publish_s,
+       parent_adapter, adapter, mode, k, error
+FROM tao_rounds ORDER BY started_at;
+
+CREATE OR REPLACE VIEW freshness AS
+SELECT 'interactions' AS table_name, count(*) AS rows, max(ts) AS latest_event, max(landed_at) AS latest_landed,
+       date_diff('millisecond', max(landed_at), current_timestamp) / 1000.0 AS seconds_since_landing
+FROM interactions
+UNION ALL SELECT 'feedback', count(*), max(ts), max(landed_at),
+       date_diff('millisecond', max(landed_at), current_timestamp) / 1000.0 FROM feedback
+UNION ALL SELECT 'scores', count(*), max(ts), max(landed_at),
+       date_diff('millisecond', max(landed_at), current_timestamp) / 1000.0 FROM scores
+UNION ALL SELECT 'dead_letters', count(*), max(ts), max(landed_at),
+       date_diff('millisecond', max(landed_at), current_timestamp) / 1000.0 FROM dead_letters;
+
+CREATE OR REPLACE VIEW dead_letter_rate AS
+WITH good AS (SELECT 'taoflow.interactions' AS source_topic, count(*) AS n FROM interactions
+              UNION ALL SELECT 'taoflow.feedback', count(*) FROM feedback),
+     bad AS (SELECT source_topic, count(*) AS n, max(ts) AS last_error FROM dead_letters GROUP BY ALL)
+SELECT coalesce(good.source_topic, bad.source_topic) AS source_topic, coalesce(good.n, 0) AS accepted,
+       coalesce(bad.n, 0) AS dead_letters,
+       coalesce(bad.n, 0) / nullif(coalesce(good.n, 0) + coalesce(bad.n, 0), 0) AS rate, bad.last_error
+FROM good FULL JOIN bad USING (source_topic) ORDER BY source_topic;
+"""
+
 # columns each batch supplies (the rest take their defaults)
 COLUMNS: dict[str, tuple[str, ...]] = {
     "interactions": (
@@ -193,6 +260,7 @@ def connect(path: Path, read_only: bool = False) -> Any:
     con = duckdb.connect(str(path), read_only=read_only)
     if not read_only:
         con.execute(DDL)
+        con.execute(VIEWS)
     return con
 
 

@@ -225,9 +225,27 @@ def sql(query: str, fmt: str) -> None:
 
 
 @cli.command()
-def report() -> None:
-    """Continuous improvement over time, in the terminal."""
-    _later("report", 6, "report and dashboard")
+@click.option("--since", default=None, help="Only this recent: 30m, 2h, 7d, or an ISO time.")
+@click.option("--task-type", default=None, help="Only this task type.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
+              help="json: every section; csv: the reward series (bucket x adapter x task type).")  # fmt: skip
+def report(since: str | None, task_type: str | None, fmt: str) -> None:
+    """Continuous improvement over time, in the terminal.
+
+    Reward over time per task type (sparklines, with markers where adapters were published, promoted or
+    rolled back), the operator leaderboard, TAO rounds and data health, from the SQL views.
+    """
+    from rich.console import Console
+
+    from taoflow import report as rep
+
+    data = rep.gather(_settings(), rep.parse_since(since), task_type)
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=1, default=str))
+    elif fmt == "csv":
+        click.echo(rep.to_csv(data), nl=False)
+    else:
+        rep.render(data, Console())
 
 
 @cli.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from serving.backends import TransformersBackend, VllmBackend
 from taoflow.broker import EmbeddedBroker
 from taoflow.settings import Settings
+from tests.conftest import free_port
 from tests.serving.harness import noise_adapter, running_gateway
 from tests.streams.harness import start_worker, stop, wait_for, worker_env
 
@@ -24,6 +26,15 @@ def gw_settings(data: Path, base: Path, bootstrap: str, **serve: object) -> Sett
     return Settings(overrides={"core": {"data_dir": data, "base_model": str(base)},
                                "kafka": {"bootstrap": bootstrap}, "serve": cfg,
                                "sdk": {"spool_dir": data / "spool"}})  # fmt: skip
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    """A broker of its own: the interaction rows this test counts are exactly the ones it sent."""
+    b = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": 2}}))
+    b.start()
+    yield b
+    b.stop()
 
 
 @pytest.mark.broker
