@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/stream.py
 	$(PY) bench/tao.py
 	$(PY) bench/gateway.py
+	$(PY) bench/views.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

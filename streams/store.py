@@ -127,8 +127,9 @@ CREATE TABLE IF NOT EXISTS adapters (
 
 # Views: what users query to see whether the loop improves (README, "Watching the loop").
 VIEWS = """
-CREATE OR REPLACE VIEW final_scores AS
-SELECT * FROM scores QUALIFY row_number() OVER (PARTITION BY interaction_id ORDER BY revision DESC) = 1;
+CREATE OR REPLACE VIEW final_scores AS  -- each interaction's latest revision (most have only revision 0)
+WITH later AS (SELECT interaction_id, max(revision) AS last FROM scores WHERE revision > 0 GROUP BY interaction_id)
+SELECT s.* FROM scores s LEFT JOIN later USING (interaction_id) WHERE s.revision = coalesce(later.last, 0);
 
 CREATE OR REPLACE MACRO improvement_by(width) AS TABLE
 SELECT time_bucket(width, ts) AS bucket, coalesce(adapter, 'base') AS adapter, task_type,
