@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install demo test bench lint clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/taoflow demo
 
-test: $(STAMP)
+# the dashboard's browser test drives Debian's chromium, headless
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }; }
+
+test: $(STAMP) chromium
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)

@@ -475,6 +475,10 @@ def build_app(gateway: Gateway) -> Any:
         except ValidationError as exc:
             raise BadRequest(_pydantic_error(exc), code="invalid_request") from None
 
+    from serving.dashboard import add_dashboard
+
+    add_dashboard(app, gw.settings)
+
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         ok = await gw.backend.health()

@@ -249,9 +249,20 @@ def report(since: str | None, task_type: str | None, fmt: str) -> None:
 
 
 @cli.command()
-def dashboard() -> None:
-    """Serve the web dashboard on its own."""
-    _later("dashboard", 6, "report and dashboard")
+@click.option("--port", type=int, default=8001, show_default=True)
+def dashboard(port: int) -> None:
+    """The web dashboard on its own (the gateway also serves it at /dashboard).
+
+    Reward over time per adapter with publish/promote/rollback markers, operator utilities, TAO rounds,
+    throughput and dead letters; refreshes by itself. Needs an admin key when keys are configured.
+    """
+    import uvicorn
+
+    from serving.dashboard import build_dashboard_app
+
+    settings = _settings()
+    click.echo(f"dashboard on http://{settings.serve.host}:{port}/dashboard", err=True)
+    uvicorn.run(build_dashboard_app(settings), host=settings.serve.host, port=port, log_level="warning")
 
 
 @cli.command()

@@ -199,3 +199,62 @@ def test_report_json_csv_and_table(pipeline) -> None:
     assert "gated_out" in out and "published" in out
     res = CliRunner().invoke(cli, ["report", "--since", "yesterday-ish"], env=env)
     assert res.exit_code == 1 and "--since 'yesterday-ish'" in res.output
+
+
+def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_path: Path) -> None:
+    """Debian's chromium loads the dashboard (no network besides it), the chart points match the views, and a
+    screenshot is saved with the test's output."""
+    import re
+    import shutil
+    import subprocess
+    import threading
+    import time
+
+    import uvicorn
+
+    from serving.dashboard import bucket_width, build_dashboard_app
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by `make test` (apt); run `make test` or install it"
+    data, planted = pipeline
+    settings = Settings(overrides={"core": {"data_dir": data}, "serve": {"admin_keys": ["sk-admin"]}})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_dashboard_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        import httpx
+
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/dashboard/data").status_code == 401  # admin scope
+        url = f"{base}/dashboard?key=sk-admin"
+        args = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--virtual-time-budget=15000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+        dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "dashboard.png"
+        subprocess.run([*args, f"--screenshot={shot}", "--window-size=1280,2200", url], capture_output=True,
+                       timeout=120)  # fmt: skip
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert 'data-loaded="1"' in dom, dom[-2000:]
+    points = re.findall(r'<circle [^>]*data-series="([^"]+)" data-x="([^"]+)" data-y="([^"]+)"', dom)
+    reward_points = [(s, x, float(y)) for s, x, y in points if s in ("base", "ad1")]
+    # independently: mean final reward per adapter per bucket, with the dashboard's bucket width
+    final = final_rewards(planted)
+    width = bucket_width(min(r["final_ts"] for r in final).isoformat(), max(r["final_ts"] for r in final).isoformat())
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in final:
+        start = datetime.fromtimestamp(r["final_ts"].timestamp() // width * width, UTC)
+        groups[(r["adapter"] or "base", start)].append(r["reward"])
+    assert len(reward_points) == len(groups)
+    for series, x, y in reward_points:
+        vals = groups[(series, datetime.fromisoformat(x).astimezone(UTC))]
+        assert y == pytest.approx(sum(vals) / len(vals))
+    kinds = re.findall(r'<line [^>]*data-kind="([a-z_]+)"', dom)
+    assert kinds.count("published") >= 2 and kinds.count("promoted") >= 2  # on the reward and utility charts
+    assert "gated_out" in dom and "operator_leaderboard" not in dom  # the rounds table is filled
+    assert shot.exists() and shot.stat().st_size > 10_000
