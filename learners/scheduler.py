@@ -81,6 +81,11 @@ def run_scheduler(settings: Settings, stop: threading.Event | None = None, run_n
                 log.warning("round %s was interrupted by a crash; marked failed", rid)
         finally:
             sink.close()
+    if settings.learner.metrics_port:
+        from learners.tao import METRICS
+        from taoflow.metrics import serve_metrics
+
+        serve_metrics(settings.learner.metrics_port, METRICS.registry, "learner")
     scheduler = BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{path}")},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},

@@ -43,6 +43,32 @@ TERMINAL = frozenset({"published", "gated_out", "skipped", "failed"})
 PAUSE_ENV = "TAOFLOW_LEARNER_PAUSE_AT"  # test seam: park the round at a checkpoint so a test can kill it there
 
 
+class _Metrics:
+    """The learner's Prometheus metrics (served by `taoflow learner` when learner.metrics_port is set)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.rounds = Counter("taoflow_learner_rounds", "TAO rounds by outcome", ["status"], registry=self.registry)
+        self.stage = Histogram(
+            "taoflow_learner_stage_seconds",
+            "Seconds per round stage",
+            ["stage"],
+            buckets=(0.1, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600),
+            registry=self.registry,
+        )
+        self.gain = Gauge(
+            "taoflow_learner_last_gain", "Held-out reward gain of the last gated round", registry=self.registry
+        )
+        self.tokens_per_s = Gauge(
+            "taoflow_learner_generation_tokens_per_s", "Generation throughput, last round", registry=self.registry
+        )
+
+
+METRICS = _Metrics()
+
+
 class Reporter:
     """Progress of a round; the CLI shows a bar per stage. The default logs stage changes."""
 
@@ -140,13 +166,25 @@ class RoundState:
     def row(self) -> dict[str, Any]:
         d = self.doc
         return {
-            "round_id": d["round_id"], "status": d["status"], "stage": d.get("stage"),
-            "started_at": d["started_at"], "finished_at": d.get("finished_at"), "base_model": d["base_model"],
-            "parent_adapter": d.get("parent_adapter"), "adapter": d.get("adapter"), "mode": d["mode"], "k": d["k"],
-            "window_start": d.get("window_start"), "window_end": d.get("window_end"), "prompts": d.get("prompts"),
-            "heldout": d.get("heldout"), "timings": d.get("timings", {}), "metrics": d.get("metrics", {}),
-            "error": d.get("error"), "seq": d["seq"],
-        }  # fmt: skip
+            "round_id": d["round_id"],
+            "status": d["status"],
+            "stage": d.get("stage"),
+            "started_at": d["started_at"],
+            "finished_at": d.get("finished_at"),
+            "base_model": d["base_model"],
+            "parent_adapter": d.get("parent_adapter"),
+            "adapter": d.get("adapter"),
+            "mode": d["mode"],
+            "k": d["k"],
+            "window_start": d.get("window_start"),
+            "window_end": d.get("window_end"),
+            "prompts": d.get("prompts"),
+            "heldout": d.get("heldout"),
+            "timings": d.get("timings", {}),
+            "metrics": d.get("metrics", {}),
+            "error": d.get("error"),
+            "seq": d["seq"],
+        }
 
 
 def load_rounds(settings: Settings) -> list[dict[str, Any]]:
@@ -166,8 +204,11 @@ def current_adapter(settings: Settings) -> dict[str, Any] | None:
     except (FileNotFoundError, ValueError):
         return None
     if not (settings.core.adapters_dir / doc["adapter"] / "manifest.json").exists():
-        log.warning("current adapter %s is missing from %s; training starts from the base", doc["adapter"],
-                    settings.core.adapters_dir)  # fmt: skip
+        log.warning(
+            "current adapter %s is missing from %s; training starts from the base",
+            doc["adapter"],
+            settings.core.adapters_dir,
+        )
         return None
     return doc
 
@@ -188,8 +229,12 @@ def recover(settings: Settings, sink: RecordSink) -> list[str]:
                 for leftover in (_staging_dir(settings, name), settings.core.adapters_dir / name):
                     shutil.rmtree(leftover, ignore_errors=True)
             stage = doc.get("stage") or "start"
-            state.save(status="failed", finished_at=_now(), adapter=None,
-                       error=f"interrupted during {stage}: the process died before the round finished")  # fmt: skip
+            state.save(
+                status="failed",
+                finished_at=_now(),
+                adapter=None,
+                error=f"interrupted during {stage}: the process died before the round finished",
+            )
             log.warning("round %s was interrupted during %s; marked failed", doc["round_id"], stage)
         shutil.rmtree(learner_dir(settings) / "rounds" / doc["round_id"], ignore_errors=True)
         settled.append(doc["round_id"])
@@ -318,11 +363,24 @@ class Round:
         self.parent_name = parent["adapter"] if parent else None
         self.parent = settings.core.adapters_dir / parent["adapter"] if parent else None
         rid = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        self.state = RoundState(settings, sink, {
-            "round_id": rid, "status": "running", "stage": None, "started_at": _now(), "base_model": self.base_model,
-            "parent_adapter": self.parent_name, "mode": self.cfg.mode, "k": self.cfg.k, "timings": {}, "metrics": {},
-            "device": self.device, "records_via": sink.via,
-        })  # fmt: skip
+        self.state = RoundState(
+            settings,
+            sink,
+            {
+                "round_id": rid,
+                "status": "running",
+                "stage": None,
+                "started_at": _now(),
+                "base_model": self.base_model,
+                "parent_adapter": self.parent_name,
+                "mode": self.cfg.mode,
+                "k": self.cfg.k,
+                "timings": {},
+                "metrics": {},
+                "device": self.device,
+                "records_via": sink.via,
+            },
+        )
         self.work = learner_dir(settings) / "rounds" / rid
         self.seed = self.cfg.seed + len(load_rounds(settings))  # repeatable, and different every round
         self.metrics: dict[str, float] = {}
@@ -334,6 +392,15 @@ class Round:
     # -- driver -----------------------------------------------------------------------------------------------
 
     def run(self) -> RoundResult:
+        result = self._run()
+        METRICS.rounds.labels(result.status).inc()
+        if "gain" in self.metrics:
+            METRICS.gain.set(self.metrics["gain"])
+        if self.metrics.get("generation_tokens_per_s"):
+            METRICS.tokens_per_s.set(self.metrics["generation_tokens_per_s"])
+        return result
+
+    def _run(self) -> RoundResult:
         doc = self.state.doc
         self.state.save()
         try:
@@ -342,8 +409,10 @@ class Round:
             heldout = [p for p in prompts if p.heldout]
             self.state.save(prompts=len(train), heldout=len(heldout))
             if not train or not heldout:
-                return self._end("skipped", f"too few prompts: {len(train)} to train on, {len(heldout)} held out "
-                                 "(the gate needs both)")  # fmt: skip
+                return self._end(
+                    "skipped",
+                    f"too few prompts: {len(train)} to train on, {len(heldout)} held out (the gate needs both)",
+                )
             candidates = self._stage("generate", lambda: self.generate(train))
             informative = self._stage("score", lambda: self.score(train, candidates))
             if not informative:
@@ -354,16 +423,20 @@ class Round:
             passed = self._stage("gate", lambda: self.gate(heldout, adapter_dir))
             if not passed:
                 m = self.metrics
-                return self._end("gated_out", f"held-out reward {m['heldout_reward_new']:.3f} vs current "
-                                 f"{m['heldout_reward_current']:.3f}: gain {m['gain']:+.3f}, lower "
-                                 f"{self.cfg.gate_confidence:.0%} bound {m['gain_lcb']:+.3f} is not above the margin "
-                                 f"{self.cfg.gate_margin:+.3f}")  # fmt: skip
+                return self._end(
+                    "gated_out",
+                    f"held-out reward {m['heldout_reward_new']:.3f} vs current "
+                    f"{m['heldout_reward_current']:.3f}: gain {m['gain']:+.3f}, lower "
+                    f"{self.cfg.gate_confidence:.0%} bound {m['gain_lcb']:+.3f} is not above the margin "
+                    f"{self.cfg.gate_margin:+.3f}",
+                )
             self._stage("publish", lambda: self.publish(adapter_dir))
             return RoundResult(self.round_id, "published", doc.get("adapter"), self.metrics, doc["timings"])
         except Exception as exc:
             log.exception("round %s failed", self.round_id)
-            self.state.save(status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}",
-                            metrics=self.metrics)  # fmt: skip
+            self.state.save(
+                status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}", metrics=self.metrics
+            )
             if doc.get("adapter_name") and not doc.get("committed"):
                 shutil.rmtree(_staging_dir(self.settings, doc["adapter_name"]), ignore_errors=True)
                 shutil.rmtree(self.settings.core.adapters_dir / doc["adapter_name"], ignore_errors=True)
@@ -377,6 +450,7 @@ class Round:
         result = fn()
         seconds = time.perf_counter() - t0
         self.state.doc["timings"][name] = round(seconds, 3)
+        METRICS.stage.labels(name).observe(seconds)
         self.state.save(metrics=self.metrics)
         self.reporter.done(name, seconds)
         return result
@@ -432,8 +506,9 @@ class Round:
 
         if self.cfg.backend == "vllm":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-            return VllmGenerator(self.base_model, adapter=adapter, max_lora_rank=max(8, self.cfg.lora_r),
-                                 dtype=dtype, seed=self.seed)  # fmt: skip
+            return VllmGenerator(
+                self.base_model, adapter=adapter, max_lora_rank=max(8, self.cfg.lora_r), dtype=dtype, seed=self.seed
+            )
         model, tok = load_policy(self.base_model, adapter, device=self.device, dtype=self.dtype)
         return TransformersGenerator(model, tok, batch_size=self.cfg.generation_batch_size, seed=self.seed)
 
@@ -450,8 +525,9 @@ class Round:
             if not n:
                 continue
             texts = [render(p.prompt, gen.tokenizer, strategy) for p in prompts]
-            results = gen.generate(texts, n=n, temperature=temp, max_new_tokens=self.cfg.max_new_tokens,
-                                   progress=self.reporter.advance)  # fmt: skip
+            results = gen.generate(
+                texts, n=n, temperature=temp, max_new_tokens=self.cfg.max_new_tokens, progress=self.reporter.advance
+            )
             for p, responses in zip(prompts, results, strict=True):
                 for r in responses:
                     out[p.hash].append({"strategy": strategy, "temperature": temp, "response": r})
@@ -480,10 +556,20 @@ class Round:
         for p in prompts:
             cands = candidates[p.hash]
             for i, c in enumerate(cands):
-                rows.append({"round_id": self.round_id, "prompt_hash": p.hash, "idx": i, "task_type": p.task_type,
-                             "strategy": c["strategy"], "temperature": c["temperature"],
-                             "prompt": p.prompt if isinstance(p.prompt, str) else json.dumps(p.prompt),
-                             "response": c["response"], "reward": c["reward"], "parts": c["parts"]})  # fmt: skip
+                rows.append(
+                    {
+                        "round_id": self.round_id,
+                        "prompt_hash": p.hash,
+                        "idx": i,
+                        "task_type": p.task_type,
+                        "strategy": c["strategy"],
+                        "temperature": c["temperature"],
+                        "prompt": p.prompt if isinstance(p.prompt, str) else json.dumps(p.prompt),
+                        "response": c["response"],
+                        "reward": c["reward"],
+                        "parts": c["parts"],
+                    }
+                )
             rewards = [c["reward"] for c in cands if c["reward"] is not None]
             if rewards:
                 n_scored += 1
@@ -493,8 +579,16 @@ class Round:
                 uniform += 1
                 continue
             ranked = sorted((c for c in cands if c["reward"] is not None), key=lambda c: c["reward"])
-            informative.append({"hash": p.hash, "text": p.prompt, "task_type": p.task_type, "metadata": p.metadata,
-                                "chosen": ranked[-1]["response"], "rejected": ranked[0]["response"]})  # fmt: skip
+            informative.append(
+                {
+                    "hash": p.hash,
+                    "text": p.prompt,
+                    "task_type": p.task_type,
+                    "metadata": p.metadata,
+                    "chosen": ranked[-1]["response"],
+                    "rejected": ranked[0]["response"],
+                }
+            )
             self.reporter.advance(1)
         for start in range(0, len(rows), 2000):
             self.sink.write("tao_candidates", rows[start : start + 2000])
@@ -506,8 +600,12 @@ class Round:
             best_of_k_reward=round(sum(best) / len(best), 4) if best else 0.0,
         )
         if uniform:
-            log.info("%d of %d prompts carry no signal (all %d candidates scored the same); skipped", uniform,
-                     len(prompts), self.cfg.k)  # fmt: skip
+            log.info(
+                "%d of %d prompts carry no signal (all %d candidates scored the same); skipped",
+                uniform,
+                len(prompts),
+                self.cfg.k,
+            )
         _checkpoint(self.settings, "score")
         return informative
 
@@ -517,23 +615,39 @@ class Round:
         self.reporter.stage("train", self.cfg.steps)
         if self.cfg.mode == "grpo":
             metrics = training.train_grpo(
-                self.cfg, base_model=self.base_model, parent=self.parent, scorer=self.scorer, device=self.device,
-                dtype=self.dtype, out=out, temperature=max(self.cfg.temperatures), seed=self.seed,
+                self.cfg,
+                base_model=self.base_model,
+                parent=self.parent,
+                scorer=self.scorer,
+                device=self.device,
+                dtype=self.dtype,
+                out=out,
+                temperature=max(self.cfg.temperatures),
+                seed=self.seed,
                 progress=self.reporter.advance,
-                rows=[{"text": r["text"], "task_type": r["task_type"], "metadata": r["metadata"]}
-                      for r in informative],
-            )  # fmt: skip
+                rows=[{"text": r["text"], "task_type": r["task_type"], "metadata": r["metadata"]} for r in informative],
+            )
         else:
             from transformers import AutoTokenizer
 
             from learners.generation import render
 
             tok = AutoTokenizer.from_pretrained(self.base_model)
-            pairs = [{"prompt": render(r["text"], tok), "chosen": r["chosen"], "rejected": r["rejected"]}
-                     for r in informative]  # fmt: skip
-            metrics = training.train_offline(self.cfg, base_model=self.base_model, parent=self.parent, pairs=pairs,
-                                             device=self.device, dtype=self.dtype, out=out, seed=self.seed,
-                                             progress=self.reporter.advance)  # fmt: skip
+            pairs = [
+                {"prompt": render(r["text"], tok), "chosen": r["chosen"], "rejected": r["rejected"]}
+                for r in informative
+            ]
+            metrics = training.train_offline(
+                self.cfg,
+                base_model=self.base_model,
+                parent=self.parent,
+                pairs=pairs,
+                device=self.device,
+                dtype=self.dtype,
+                out=out,
+                seed=self.seed,
+                progress=self.reporter.advance,
+            )
         self.metrics.update(metrics)
         gc.collect()
         _checkpoint(self.settings, "train")
@@ -545,15 +659,23 @@ class Round:
         gen = self._policy(adapter)
         greedy = self.cfg.gate_samples == 1
         texts = [render(p.prompt, gen.tokenizer) for p in prompts]
-        results = gen.generate(texts, n=self.cfg.gate_samples, temperature=self.cfg.temperatures[0],
-                               max_new_tokens=self.cfg.max_new_tokens, greedy=greedy,
-                               progress=self.reporter.advance)  # fmt: skip
+        results = gen.generate(
+            texts,
+            n=self.cfg.gate_samples,
+            temperature=self.cfg.temperatures[0],
+            max_new_tokens=self.cfg.max_new_tokens,
+            greedy=greedy,
+            progress=self.reporter.advance,
+        )
         del gen
         gc.collect()
         flat = [(p, r) for p, rs in zip(prompts, results, strict=True) for r in rs]
-        parts = self.scorer.rule_parts([r for _, r in flat], prompts=[p.prompt for p, _ in flat],
-                                       task_types=[p.task_type for p, _ in flat],
-                                       metadata=[p.metadata for p, _ in flat])  # fmt: skip
+        parts = self.scorer.rule_parts(
+            [r for _, r in flat],
+            prompts=[p.prompt for p, _ in flat],
+            task_types=[p.task_type for p, _ in flat],
+            metadata=[p.metadata for p, _ in flat],
+        )
         rewards = [self.scorer.compose(x).reward or 0.0 for x in parts]
         per = len(results[0]) if results else 1
         return [sum(rewards[i * per : (i + 1) * per]) / per for i in range(len(prompts))]
@@ -563,8 +685,9 @@ class Round:
         self.reporter.stage("gate", 2 * len(heldout))
         current = self.evaluate(heldout, self.parent)
         new = self.evaluate(heldout, adapter_dir)
-        gain, lcb = paired_bootstrap([b - a for a, b in zip(current, new, strict=True)], self.cfg.gate_confidence,
-                                     self.seed)  # fmt: skip
+        gain, lcb = paired_bootstrap(
+            [b - a for a, b in zip(current, new, strict=True)], self.cfg.gate_confidence, self.seed
+        )
         self.metrics.update(
             heldout_reward_current=round(sum(current) / len(current), 4),
             heldout_reward_new=round(sum(new) / len(new), 4),
@@ -586,11 +709,19 @@ class Round:
         files = [f for f in staging.iterdir() if f.is_file()]
         sha, per_file = _digest(files)
         manifest = {
-            "adapter": name, "base_model": self.base_model, "round_id": self.round_id,
-            "parent_adapter": self.parent_name, "mode": self.cfg.mode, "k": self.cfg.k,
-            "window_start": self.state.doc.get("window_start"), "window_end": self.state.doc.get("window_end"),
-            "metrics": self.metrics, "sha256": sha, "files": per_file, "created_at": _now(),
-        }  # fmt: skip
+            "adapter": name,
+            "base_model": self.base_model,
+            "round_id": self.round_id,
+            "parent_adapter": self.parent_name,
+            "mode": self.cfg.mode,
+            "k": self.cfg.k,
+            "window_start": self.state.doc.get("window_start"),
+            "window_end": self.state.doc.get("window_end"),
+            "metrics": self.metrics,
+            "sha256": sha,
+            "files": per_file,
+            "created_at": _now(),
+        }
         for f in files:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -611,10 +742,15 @@ def _announce(settings: Settings, sink: RecordSink, state: RoundState) -> None:
     write_json_atomic(learner_dir(settings) / "current.json", {"adapter": name, "round_id": d["round_id"]})
     metrics = {k: float(v) for k, v in d.get("metrics", {}).items() if isinstance(v, int | float)}
     event = AdapterEvent(
-        adapter=name, action="published", ts=datetime.fromisoformat(d["committed_at"]),
-        base_model=d["base_model"], path=str(settings.core.adapters_dir / name), round_id=d["round_id"],
-        sha256=d["sha256"], metrics=metrics,
-    )  # fmt: skip
+        adapter=name,
+        action="published",
+        ts=datetime.fromisoformat(d["committed_at"]),
+        base_model=d["base_model"],
+        path=str(settings.core.adapters_dir / name),
+        round_id=d["round_id"],
+        sha256=d["sha256"],
+        metrics=metrics,
+    )
     sink.adapter_event(event)
     state.save(status="published", adapter=name, finished_at=d.get("finished_at") or _now())
 

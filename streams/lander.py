@@ -127,8 +127,35 @@ class Lander:
         self.owner_file = settings.core.data_dir / OWNER_FILE
         self.con: Any = None
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="duckdb")
+        self._hist: Any = None
         self.landed: dict[str, int] = defaultdict(int)
         self.last_land_s = 0.0
+        self.land_seconds: list[float] = []  # per landed batch, drained by each scrape
+        self.lag: dict[str, int] = {}  # topic/partition -> records behind the broker's high-water mark
+
+    def lag_total(self) -> int:
+        return sum(self.lag.values())
+
+    def metrics_text(self) -> bytes:
+        """Prometheus exposition: rows landed per table, landing batch seconds, consumer lag per partition."""
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+        reg = CollectorRegistry()
+        rows = Counter("taoflow_lander_rows", "Rows landed in DuckDB", ["table"], registry=reg)
+        for table, n in self.landed.items():
+            rows.labels(table).inc(n)
+        lag = Gauge("taoflow_lander_lag_records", "Records not landed yet", ["partition"], registry=reg)
+        for tp, n in self.lag.items():
+            lag.labels(tp).set(n)
+        buckets = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
+        doc = "Seconds to land one batch, DuckDB commit included"
+        hist = self._hist or Histogram("taoflow_lander_batch_seconds", doc, registry=None, buckets=buckets)
+        self._hist = hist
+        for sec in self.land_seconds:
+            hist.observe(sec)
+        self.land_seconds.clear()
+        reg.register(hist)
+        return bytes(generate_latest(reg))
 
     def _acquire(self) -> Any:
         import duckdb
@@ -188,6 +215,11 @@ class Lander:
                 await consumer.commit({TopicPartition(tp.topic, tp.partition): recs[-1].offset + 1
                                        for tp, recs in batch.items()})  # fmt: skip
                 self.last_land_s = time.perf_counter() - t0
+                self.land_seconds.append(self.last_land_s)
+                for tp, recs in batch.items():
+                    high = consumer.highwater(tp)
+                    if high is not None:
+                        self.lag[f"{tp.topic}/{tp.partition}"] = max(0, high - (recs[-1].offset + 1))
         finally:
             await consumer.stop()
 
@@ -219,11 +251,16 @@ class Lander:
                                 status=400 if "error" in result else 200)  # fmt: skip
 
         async def health(request: web.Request) -> web.Response:
-            return web.json_response({"ok": True, "landed": dict(self.landed), "last_land_s": self.last_land_s})
+            return web.json_response({"ok": True, "landed": dict(self.landed), "last_land_s": self.last_land_s,
+                                      "lag": self.lag_total()})  # fmt: skip
+
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(body=self.metrics_text(), content_type="text/plain", charset="utf-8")
 
         app = web.Application(client_max_size=1024 * 1024)
         app.router.add_post("/sql", sql)
         app.router.add_get("/healthz", health)
+        app.router.add_get("/metrics", metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self.cfg.sql_port)

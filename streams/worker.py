@@ -71,7 +71,17 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     lander = LanderSupervisor(settings) if settings.stream.land else None
     if lander:
         lander.start()
-    app, _ = build_app(settings)
+    app, ctx = build_app(settings)
+    if settings.stream.metrics_port:
+        from prometheus_client import CollectorRegistry
+
+        from taoflow.metrics import CountersCollector, serve_metrics
+
+        registry = CollectorRegistry()
+        registry.register(CountersCollector("taoflow_worker_events", "Events the stream processors handled, by kind "
+                                            "(interactions, feedback, scores, utility_updates, dead_letters, ...)",
+                                            "kind", lambda: dict(ctx.counters)))  # fmt: skip
+        serve_metrics(settings.stream.metrics_port, registry, "worker")
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
     started = time.monotonic()
     try:

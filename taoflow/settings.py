@@ -202,6 +202,7 @@ class StreamSettings(_Component):
         default_factory=lambda: {k: 1.0 for k in ("thumbs", "rating", "followup", "implemented", "task_success")}
     )
     land: bool = Field(default=True, description="run the DuckDB lander beside the worker (one owner per file)")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics of the worker; 0: off")
 
 
 class LearnerSettings(_Component):
@@ -243,6 +244,7 @@ class LearnerSettings(_Component):
     interval_minutes: float | None = Field(default=60.0, gt=0)
     cron: str | None = Field(default=None, description="crontab expression; replaces interval_minutes")
     min_new_prompts: int = Field(default=32, ge=0, description="skip a scheduled round until this many new prompts")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics of `taoflow learner`")
     seed: int = 0
 
 

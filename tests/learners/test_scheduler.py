@@ -50,8 +50,11 @@ def _statuses(settings) -> list[str]:
 def test_learner_runs_rounds_on_schedule_skips_without_new_prompts_and_recovers_after_a_crash(
     tmp_path, warm_model
 ) -> None:
+    from tests.conftest import free_port
+
+    metrics_port = free_port()
     settings = learner_settings(tmp_path / "d", warm_model, gate_margin=-1.0, interval_minutes=0.05,
-                                min_new_prompts=10)  # fmt: skip
+                                min_new_prompts=10, metrics_port=metrics_port)  # fmt: skip
     land_prompts(settings, arithmetic_prompts(30, seed=8))
     assert new_prompts(settings) == 30
 
@@ -72,6 +75,11 @@ def test_learner_runs_rounds_on_schedule_skips_without_new_prompts_and_recovers_
         # no new prompts since that round's window: the next scheduled runs are skipped
         time.sleep(8)
         assert sorted(_statuses(settings)) == ["failed", "published"]
+        import httpx
+
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'taoflow_learner_rounds_total{status="published"} 1.0' in metrics
+        assert 'taoflow_learner_stage_seconds_count{stage="train"} 1.0' in metrics
     finally:
         learner.send_signal(signal.SIGTERM)
         out = learner.communicate(timeout=60)[0].decode()

@@ -35,9 +35,11 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
     tmp = tmp_path_factory.mktemp("views")
     broker = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": 2}})).start()
     data = tmp / "data"
-    worker = start_worker(worker_env(broker.bootstrap, data, "views"), tmp / "worker.log")
+    metrics_port = free_port()
+    env = worker_env(broker.bootstrap, data, "views", TAOFLOW_STREAM_METRICS_PORT=str(metrics_port))
+    worker = start_worker(env, tmp / "worker.log")
     rng = random.Random(5)
-    planted: dict = {"interactions": [], "feedback": {}, "bad": 0}
+    planted: dict = {"interactions": [], "feedback": {}, "bad": 0, "metrics_port": metrics_port}
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
     try:
         for i in range(N):
@@ -258,3 +260,22 @@ def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_p
     assert kinds.count("published") >= 2 and kinds.count("promoted") >= 2  # on the reward and utility charts
     assert "gated_out" in dom and "operator_leaderboard" not in dom  # the rounds table is filled
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_worker_and_lander_expose_prometheus_metrics(pipeline) -> None:
+    import httpx
+
+    data, planted = pipeline
+    worker = httpx.get(f"http://127.0.0.1:{planted['metrics_port']}/metrics").text
+    assert f'taoflow_worker_events_total{{kind="interactions"}} {float(N)}' in worker
+    assert f'taoflow_worker_events_total{{kind="dead_letters"}} {float(planted["bad"])}' in worker
+    import re
+
+    kinds = {k: float(v) for k, v in re.findall(r'taoflow_worker_events_total\{kind="(\w+)"\} ([\d.]+)', worker)}
+    # feedback that arrived before its interaction is parked first, then joined
+    assert kinds.get("feedback", 0) + kinds.get("feedback_parked", 0) == len(planted["feedback"])
+    lander_url = json.loads((data / "lander.json").read_text())["url"]
+    lander = httpx.get(f"{lander_url}/metrics").text
+    assert f'taoflow_lander_rows_total{{table="interactions"}} {float(N)}' in lander
+    assert 'taoflow_lander_rows_total{table="tao_rounds"} 2.0' in lander
+    assert "taoflow_lander_batch_seconds_count" in lander and "taoflow_lander_lag_records" in lander
