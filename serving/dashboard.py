@@ -48,6 +48,20 @@ def bucket_width(first: Any, last: Any, buckets: int = 60) -> int:
     return next((w for w in _WIDTHS if span / w <= buckets), _WIDTHS[-1])
 
 
+def lander_status(settings: Settings) -> dict[str, Any] | None:
+    """The running lander's consumer lag and last batch time (None when no lander runs)."""
+    import json
+    import urllib.request
+
+    try:
+        info = json.loads((settings.core.data_dir / "lander.json").read_text())
+        with urllib.request.urlopen(info["url"] + "/healthz", timeout=2) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
+    except (OSError, ValueError, KeyError):
+        return None
+    return {"lag_records": doc.get("lag"), "last_batch_seconds": doc.get("last_land_s")}
+
+
 def dashboard_data(settings: Settings) -> dict[str, Any]:
     """Everything the page draws, from the views (`/dashboard/data`)."""
     span = _rows(settings, "SELECT min(ts) AS first, max(ts) AS last, count(*) AS n FROM final_scores")[0]
@@ -116,6 +130,7 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
         "leaderboard": _rows(settings, "SELECT * FROM operator_leaderboard"),
         "freshness": _rows(settings, "SELECT * FROM freshness"),
         "dead_letters": _rows(settings, "SELECT * FROM dead_letter_rate"),
+        "stream": lander_status(settings),
     }
 
 

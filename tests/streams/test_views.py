@@ -259,6 +259,7 @@ def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_p
     kinds = re.findall(r'<line [^>]*data-kind="([a-z_]+)"', dom)
     assert kinds.count("published") >= 2 and kinds.count("promoted") >= 2  # on the reward and utility charts
     assert "gated_out" in dom and "operator_leaderboard" not in dom  # the rounds table is filled
+    assert "lander consumer lag: 0 records" in dom
     assert shot.exists() and shot.stat().st_size > 10_000
 
 
