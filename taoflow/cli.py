@@ -8,11 +8,11 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from taoflow.exceptions import NotYetAvailableError, TaoflowError
+from taoflow.exceptions import TaoflowError
 
 
 class _Group(click.Group):
@@ -44,10 +44,6 @@ def _settings() -> Any:
     from taoflow.settings import Settings
 
     return Settings()
-
-
-def _later(command: str, issue: int, what: str) -> NoReturn:
-    raise NotYetAvailableError(f"`taoflow {command}` is not yet available: it arrives with issue #{issue} ({what})")
 
 
 def _wait_for_signal(alive: Any = None) -> None:
@@ -92,9 +88,39 @@ def broker(port: int | None, partitions: int | None) -> None:
 
 
 @cli.command()
-def up() -> None:
-    """Everything on embedded defaults: broker, stream worker, learner scheduler, gateway."""
-    _later("up", 7, "the main job")
+@click.option("--workers", type=int, default=1, show_default=True, help="Stream worker processes (one group).")
+@click.option("--no-learner", is_flag=True, help="Do not run the TAO scheduler.")
+@click.option("--no-gateway", is_flag=True, help="Do not run the gateway.")
+def up(workers: int, no_learner: bool, no_gateway: bool) -> None:
+    """Everything on embedded defaults: broker (when no Kafka is configured), stream workers, learner, gateway.
+
+    Children are restarted with backoff when they die; Ctrl-C stops them all once. Logs are interleaved with a
+    [name] prefix.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from taoflow.up import Supervisor
+
+    if workers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--workers")
+    settings = _settings()
+    console = Console(stderr=True, soft_wrap=True)
+
+    def echo(name: str, color: str, line: str) -> None:
+        console.print(f"[{color}]{name:>9}[/] | {escape(line)}", highlight=False)
+
+    sup = Supervisor(settings, workers=workers, learner=not no_learner, gateway=not no_gateway, echo=echo)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sup.stop_event.set())
+    host, port = settings.serve.host, settings.serve.port
+    console.print(f"[bold]taoflow up[/]: Kafka {settings.bootstrap}"
+                  + (" (embedded)" if settings.embedded else "") + f"; DuckDB {settings.core.duckdb_path}")  # fmt: skip
+    if not no_gateway:
+        console.print(f'  gateway   http://{host}:{port}/v1   (model "{settings.serve.model_name}")')
+        console.print(f"  dashboard http://{host}:{port}/dashboard")
+    console.print('  SQL       taoflow sql "SELECT * FROM operator_leaderboard"; Ctrl-C stops everything')
+    sys.exit(sup.run())
 
 
 @cli.command()

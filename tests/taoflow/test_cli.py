@@ -69,7 +69,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     code, out = run("worker", env={"TAOFLOW_BROKER_PORT": "1"})
     assert code == 1 and "no Kafka answers at 127.0.0.1:1; start it with `taoflow broker`" in out
     code, out = run("report")
-    assert code == 1 and "not yet available" in out
+    assert code == 1 and "error: no outcome database at .taoflow/taoflow.duckdb" in out and "Traceback" not in out
     nokafka = {"TAOFLOW_KAFKA_BOOTSTRAP": "127.0.0.1:9"}
     code, out = run("tao", "run", env=nokafka)
     assert code == 1 and "error: no scorers configured: set TAOFLOW_LEARNER_SCORERS" in out and "Traceback" not in out
