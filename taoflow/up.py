@@ -49,6 +49,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.env = {**os.environ, **settings.environ(), "TAOFLOW_KAFKA_BOOTSTRAP": settings.bootstrap}
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.env.setdefault("COLUMNS", "200")  # children log through rich to a pipe: do not wrap at 80
         specs: list[tuple[str, list[str]]] = []
         if settings.embedded:
             from taoflow.broker import reachable
