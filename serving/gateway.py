@@ -142,7 +142,10 @@ class Gateway:
         self.settings = settings
         self.cfg = settings.serve
         self.backend = backend
-        self.router = Router(self.cfg, initial_utility=settings.stream.initial_utility, noise_s=settings.stream.noise_s)
+        stream = settings.stream
+        self.router = Router(
+            self.cfg, initial_utility=stream.initial_utility, noise_s=stream.noise_s, alpha=stream.alpha
+        )
         self.emitter = emitter
         self.kafka = kafka
         self.metrics = _Metrics()

@@ -46,9 +46,12 @@ def operator_name(strategy: str, adapter: str | None) -> str:
 class Router:
     """Holds the live utilities and the lifecycle state; all methods run on the gateway's event loop."""
 
-    def __init__(self, cfg: Any, *, initial_utility: float, noise_s: float, seed: int | None = None) -> None:
+    def __init__(
+        self, cfg: Any, *, initial_utility: float, noise_s: float, alpha: float = 0.2, seed: int | None = None
+    ) -> None:
         self.cfg = cfg
         self.initial = initial_utility
+        self.alpha = alpha
         self.noise_s = noise_s
         self.rng = random.Random(seed)
         self.utilities: dict[tuple[str, str], tuple[float, int]] = {}  # (task_type, operator) -> (u, n)
@@ -112,10 +115,24 @@ class Router:
         if current is None or n >= current[1]:
             self.utilities[(task_type, operator)] = (utility, n)
 
+    def unbiased(self, u: float, n: int) -> float:
+        """The utility without the pull of its starting value: ACT-R's update is an exponential average that
+        starts at `initial_utility`, so after n rewards the start still weighs (1 - alpha)^n. Comparing a
+        canary (few rewards) with an incumbent (many) needs that weight removed, as in Adam's bias correction.
+
+        >>> r = Router(None, initial_utility=0.0, noise_s=0.1, alpha=0.2)
+        >>> round(r.unbiased(0.2 * 0.9, 1), 6)  # one reward of 0.9
+        0.9
+        """
+        if n <= 0:
+            return self.initial
+        left = (1 - self.alpha) ** n
+        return u if left >= 1 else (u - left * self.initial) / (1 - left)
+
     def score(self, adapter: str | None) -> tuple[float, int]:
-        """n-weighted mean utility of every operator served with `adapter`, and their total reward count."""
+        """n-weighted mean (bias-corrected) utility of every operator served with `adapter`, and their reward count."""
         suffix = "@" + (adapter or BASE)
-        rows = [(u, n) for (_, op), (u, n) in self.utilities.items() if op.endswith(suffix) and n > 0]
+        rows = [(self.unbiased(u, n), n) for (_, op), (u, n) in self.utilities.items() if op.endswith(suffix) and n > 0]
         total = sum(n for _, n in rows)
         if not total:
             return self.initial, 0

@@ -44,7 +44,7 @@ def sparkline(values: list[float | None], lo: float = 0.0, hi: float = 1.0) -> s
     """One character per value; gaps are spaces.
 
     >>> sparkline([0.0, 0.5, 1.0, None])
-    '▁▄█ '
+    '▁▅█ '
     """
     out = []
     for v in values:
