@@ -263,13 +263,16 @@ class Lander:
         app.router.add_get("/metrics", metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.cfg.sql_port)
+        site = web.TCPSite(runner, self.cfg.sql_host, self.cfg.sql_port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        host = self.cfg.sql_advertise or ("127.0.0.1" if self.cfg.sql_host in ("0.0.0.0", "::") else self.cfg.sql_host)
+        local = self.cfg.sql_advertise is None  # a remote owner's pid means nothing in another container
         tmp = self.owner_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "url": f"http://127.0.0.1:{port}", "db": str(self.db_path)}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "url": f"http://{host}:{port}", "db": str(self.db_path),
+                                   "local": local}))  # fmt: skip
         os.replace(tmp, self.owner_file)
-        log.info("lander owns %s; SQL on http://127.0.0.1:%d", self.db_path, port)
+        log.info("lander owns %s; SQL on http://%s:%d", self.db_path, host, port)
         return runner
 
 

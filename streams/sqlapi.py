@@ -72,7 +72,9 @@ def query(sql: str, settings: Settings | None = None, timeout: float = 60.0) -> 
         info = json.loads(owner.read_text())
     except (FileNotFoundError, ValueError):
         info = None
-    if info and _pid_alive(int(info.get("pid", -1))):
+    # a lander in this machine's process space is checked by pid; one in another container (shared volume,
+    # advertised host) is simply asked
+    if info and (not info.get("local", True) or _pid_alive(int(info.get("pid", -1)))):
         req = urllib.request.Request(
             info["url"] + "/sql", data=json.dumps({"sql": sql}).encode(), headers={"Content-Type": "application/json"}
         )

@@ -193,6 +193,10 @@ class StreamSettings(_Component):
     fetch_wait_ms: int = Field(default=20, ge=1, description="longest a fetch waits for new data (latency)")
     session_timeout_s: float = Field(default=10.0, gt=0, description="consumer-group session timeout")
     sql_port: int = Field(default=0, ge=0, description="SQL endpoint of the DuckDB owner; 0 picks a free one")
+    sql_host: str = Field(default="127.0.0.1", description="address the DuckDB owner's SQL endpoint binds")
+    sql_advertise: str | None = Field(
+        default=None, description="host other containers reach that endpoint at (written to lander.json)"
+    )
     alpha: float = Field(default=0.2, gt=0, le=1)
     initial_utility: float = 0.0
     discount: float = Field(default=0.0, ge=0, description="reward lost per second between selection and reward")
