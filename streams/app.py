@@ -140,10 +140,11 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
         autodiscover=False,
         datadir=str(settings.core.data_dir / "faust"),
     )
-    from streams.compat import patch_faust_fetch_wait, patch_faust_highwaters
+    from streams.compat import patch_faust_fetch_wait, patch_faust_highwaters, patch_faust_offset_jumps
 
     patch_faust_highwaters(settings.bootstrap, kafka.security_kwargs())
     patch_faust_fetch_wait(cfg.fetch_wait_ms)
+    patch_faust_offset_jumps()
     topics = declare(app, parts)
     schema: Any = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
     table: dict[str, Any] = {"partitions": parts, "schema": schema}

@@ -98,3 +98,89 @@ def patch_faust_fetch_wait(max_wait_ms: int) -> None:
 
     _create_worker_consumer._taoflow_wait = max_wait_ms  # type: ignore[attr-defined]
     cls._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
+
+
+RESYNC_WAIT_S = 5.0  # how long a re-seek may take to bring the expected offset before it is tried again
+
+
+def patch_faust_offset_jumps() -> None:
+    """Keep faust from skipping records after a seek (the cause of events lost across a rebalance).
+
+    faust hands aiokafka fetches across threads. A batch fetched just before a rebalance can arrive after
+    faust has sought its partitions back to their committed offsets; its first record then sits past the
+    read offset, and faust takes the jump for a legitimate gap (as on compacted or transactional topics):
+    it marks the skipped offsets as done, commits past them and drops their re-fetched copies as already
+    read. The events in between are never processed.
+
+    On topics where offsets are contiguous (acked, not compacted: the stream's inputs), a record past
+    the next expected offset is stale: we drop it and re-seek the partition to the expected offset, so
+    the records come again in order. If the jump persists through two re-seeks (`RESYNC_WAIT_S` apart),
+    the offsets really do not exist (deleted by retention, say): the jump is accepted, with a warning.
+    """
+    from faust.transport.consumer import Consumer
+
+    if getattr(Consumer, "_taoflow_jumps", False):
+        return
+    original_getmany = Consumer.getmany
+    original_perform_seek = Consumer.perform_seek
+    original_seek = Consumer.seek
+
+    def state(self: Any) -> dict[str, Any]:
+        st = self.__dict__.get("_taoflow_offsets")
+        if st is None:
+            st = self.__dict__["_taoflow_offsets"] = {"expected": {}, "resync": {}, "tries": {}}
+        return st  # type: ignore[no-any-return]
+
+    def guarded(self: Any, topic: str) -> bool:
+        from schemas.topics import COMPACTED_TOPICS
+
+        return bool(self.app.topics.acks_enabled_for(topic)) and topic not in COMPACTED_TOPICS
+
+    async def perform_seek(self: Any) -> None:
+        await original_perform_seek(self)
+        st = state(self)
+        for tp, offset in self._read_offset.items():
+            if offset is not None:
+                st["expected"][tp] = offset
+                st["resync"].pop(tp, None)
+
+    async def seek(self: Any, partition: Any, offset: int) -> None:
+        await original_seek(self, partition, offset)
+        state(self)["expected"][partition] = offset
+
+    async def getmany(self: Any, timeout: float) -> Any:
+        st = state(self)
+        expected, resync, tries = st["expected"], st["resync"], st["tries"]
+        async for tp, message in original_getmany(self, timeout):
+            off = message.offset
+            exp = expected.get(tp)
+            if exp is None or off == exp or not guarded(self, message.topic):
+                expected[tp] = off + 1
+                resync.pop(tp, None)
+                tries.pop((tp, off), None)
+                yield tp, message
+                continue
+            if off < exp:
+                yield tp, message  # a re-delivery faust already read: it drops it itself
+                continue
+            now = time.monotonic()
+            started = resync.get(tp)
+            if started is not None and now - started < RESYNC_WAIT_S:
+                continue  # the rest of a stale batch; the re-seek brings these again
+            n = tries.get((tp, exp), 0)
+            if n >= 2:
+                log.warning("%s: offsets %d..%d do not exist (re-read twice); going on from %d", tp, exp, off - 1, off)
+                expected[tp] = off + 1
+                resync.pop(tp, None)
+                tries.pop((tp, exp), None)
+                yield tp, message
+                continue
+            tries[(tp, exp)] = n + 1
+            resync[tp] = now
+            log.warning("%s: got offset %d where %d was next (a stale fetch); re-reading from %d", tp, off, exp, exp)
+            await self.seek(tp, exp)
+
+    Consumer.getmany = getmany  # type: ignore[method-assign]
+    Consumer.perform_seek = perform_seek  # type: ignore[method-assign]
+    Consumer.seek = seek  # type: ignore[method-assign]
+    Consumer._taoflow_jumps = True  # type: ignore[attr-defined]

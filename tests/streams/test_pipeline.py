@@ -31,11 +31,6 @@ ALPHA = 0.2
 # rebalance that follows can lose a few events (2-18 seen, one contiguous offset range) in about one run
 # in three: the worker never scores them, though the lander lands their rows. Cause not found yet.
 # The assertions stay whole; the mark keeps CI honest without hiding it.
-REBALANCE_LOSS = pytest.mark.xfail(
-    strict=False, reason="known: after a worker dies, the rebalance can leave a few events unscored (cause open)"
-)
-
-
 @pytest.fixture
 def fresh_broker() -> Iterator[EmbeddedBroker]:
     """A broker of its own, so the topics hold exactly what this test produced."""
@@ -165,7 +160,6 @@ def _aligned_ids(op_partition: dict[str, int], per_op: int) -> dict[str, list[st
     return ids
 
 
-@REBALANCE_LOSS
 def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(fresh_broker: EmbeddedBroker, tmp_path: Path) -> None:
     per_op = 6_000
     ids = _aligned_ids({"good": 0, "mid": 1, "bad": 2}, per_op)
@@ -223,7 +217,6 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(fresh_broker: E
         stop(worker)
 
 
-@REBALANCE_LOSS
 def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
     fresh_broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
