@@ -4,9 +4,10 @@ An operator is a serving strategy (system prompt / template) on an adapter: `<st
 `base` for no adapter. Its utility per task type comes from `taoflow.utilities`, learned by the stream from
 the rewards of the interactions it served. Requests go to the incumbent adapter's operators, chosen by
 noisy utility with the stream's own `select_operator`; a canary (a newly published adapter) gets at least
-`canary_fraction` of the traffic. After `promote_after` rewards the canary is promoted if its utility beats
-the incumbent's, or rolled back if it falls below by `rollback_margin`; a promoted adapter is likewise
-rolled back to its predecessor if it falls below the predecessor's last utility by the margin.
+`canary_fraction` of the traffic, serving the strategy the incumbent's utilities chose. After `promote_after`
+rewards the canary is promoted if its utility beats the incumbent's on the same strategies (a paired,
+bias-corrected comparison), or rolled back if it falls below by `rollback_margin`; a promoted adapter is
+likewise rolled back to its predecessor if it falls below the predecessor's last utilities by the margin.
 """
 
 from __future__ import annotations
@@ -102,11 +103,15 @@ class Router:
                 if not forced_adapter and adapter is None:
                     target = self.incumbent
             return Operator(operator_name(strategy, target), pool[strategy], target)
-        canary = self.canary_operators(task_type)
-        pool_ops = canary if canary and self.rng.random() < self.cfg.canary_fraction else self.operators(task_type)
-        by_name = {o.name: o for o in pool_ops}
-        chosen = select_operator({n: self.utility(task_type, n) for n in by_name}, self.noise_s, self.rng)
-        return by_name[chosen]
+        # the strategy is chosen on the incumbent's utilities; a canary request serves that same strategy on the
+        # canary adapter, so canary and incumbent are compared on the same mix of strategies
+        ops = self.operators(task_type)
+        by_strategy = {o.spec.name: o for o in ops}
+        chosen = select_operator({o.spec.name: self.utility(task_type, o.name) for o in ops}, self.noise_s, self.rng)
+        if self.canary is not None and self.rng.random() < self.cfg.canary_fraction:
+            spec = by_strategy[chosen].spec
+            return Operator(operator_name(spec.name, self.canary), spec, self.canary)
+        return by_strategy[chosen]
 
     # -- utilities and lifecycle ----------------------------------------------------------------------------
 
@@ -138,40 +143,60 @@ class Router:
             return self.initial, 0
         return sum(u * n for u, n in rows) / total, total
 
+    def compare(self, challenger: str | None, reference: str | None) -> tuple[float, int]:
+        """Paired comparison: for every task type and strategy the challenger has rewards for, its
+        (bias-corrected) utility minus the reference's on the same strategy, weighted by the challenger's
+        rewards there. Returns (weighted mean difference, challenger rewards counted)."""
+        c_suffix, r_suffix = "@" + (challenger or BASE), "@" + (reference or BASE)
+        total = weight = 0.0
+        for (task, op), (u, n) in self.utilities.items():
+            if n <= 0 or not op.endswith(c_suffix):
+                continue
+            strategy = op[: -len(c_suffix)]
+            ref = self.utilities.get((task, strategy + r_suffix))
+            if ref is None or ref[1] <= 0:
+                continue
+            total += n * (self.unbiased(u, n) - self.unbiased(*ref))
+            weight += n
+        return (total / weight if weight else 0.0), int(weight)
+
     def decide(self) -> Decision | None:
         """Promote or roll back when the evidence is in; applies the decision and returns it."""
         margin, need = self.cfg.rollback_margin, self.cfg.promote_after
         if self.canary is not None:
-            cu, cn = self.score(self.canary)
-            iu, _ = self.score(self.incumbent)
-            metrics = {"utility": cu, "n": float(cn), "incumbent_utility": iu}
-            if cn >= need and cu > iu:
+            diff, cn = self.compare(self.canary, self.incumbent)
+            metrics = {"utility_gain": diff, "n": float(cn)}
+            if cn >= need and diff > 0:
                 name = self.canary
                 self.history.append(self.incumbent)
-                self.incumbent, self.canary, self.promoted_at_n = name, None, cn
+                self.incumbent, self.canary, self.promoted_at_n = name, None, self.score(name)[1]
                 return Decision(
-                    "promoted", name, f"utility {cu:.3f} beats the incumbent's {iu:.3f} after {cn} rewards", metrics
+                    "promoted",
+                    name,
+                    f"utility {diff:+.3f} over the incumbent on the same strategies after {cn} rewards",
+                    metrics,
                 )
-            if cn >= need and cu < iu - margin:
+            if cn >= need and diff < -margin:
                 name, self.canary = self.canary, None
                 return Decision(
                     "rolled_back",
                     name,
-                    f"canary utility {cu:.3f} is below the incumbent's {iu:.3f} by more than {margin}",
+                    f"utility {diff:+.3f} against the incumbent on the same strategies, below the margin {margin}",
                     metrics,
                 )
             return None
         if self.incumbent is not None and self.history:
-            u, n = self.score(self.incumbent)
-            pu, _ = self.score(self.history[-1])
-            if n - self.promoted_at_n >= need and u < pu - margin:
+            diff, _ = self.compare(self.incumbent, self.history[-1])
+            n = self.score(self.incumbent)[1]
+            if n - self.promoted_at_n >= need and diff < -margin:
                 name = self.incumbent
                 self.incumbent = self.history.pop()
                 return Decision(
                     "rolled_back",
                     name,
-                    f"utility {u:.3f} fell below the previous adapter's {pu:.3f} by more than {margin}",
-                    {"utility": u, "n": float(n), "previous_utility": pu},
+                    f"utility {diff:+.3f} against the previous adapter on the same "
+                    f"strategies, below the margin {margin}",
+                    {"utility_gain": diff, "n": float(n)},
                 )
         return None
 
