@@ -293,21 +293,22 @@ def dashboard(port: int) -> None:
 
 @cli.command()
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for repeatable runs.")
-@click.option("--events", type=int, default=3000, show_default=True, help="Interactions the agents send.")
-@click.option("--fast", is_flag=True, help="A shortened run (about a minute).")
+@click.option("--events", type=int, default=3000, show_default=True, help="Requests the agents send.")
+@click.option("--fast", is_flag=True, help="A shortened run (1,500 requests).")
 def demo(seed: int, events: int, fast: bool) -> None:
-    """The end-to-end demo on embedded defaults (today: the streaming half of the loop).
+    """The end-to-end demo on embedded defaults (what `make demo` runs).
 
-    Simulated agents pick operators by ACT-R noisy utility, emit through the SDK and report outcomes
-    (a verifier for math, later feedback for support); the worker scores and learns the utilities, and the
-    agents move their traffic to the better operators. Data goes to <TAOFLOW_DATA_DIR>/demo.
+    Simulated agents send math questions (a verifier scores the answers) and support chats (users report
+    success later) through the gateway, which routes by the utilities the stream learns. A TAO round then
+    trains an adapter on the landed math prompts (no labels), the gate checks it, the gateway hot-swaps it in
+    as a canary and promotes it when it beats the base. Data goes to <TAOFLOW_DATA_DIR>/demo.
     """
     import shutil
 
     from rich.console import Console
     from rich.table import Table
 
-    from taoflow.demo import DEMO_ALPHA, TRUE_QUALITY, probabilities, run_demo
+    from taoflow.demo import SUPPORT_QUALITY, run_demo
     from taoflow.settings import Settings
 
     console = Console()
@@ -315,38 +316,41 @@ def demo(seed: int, events: int, fast: bool) -> None:
     data_dir = base.core.data_dir / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)
     settings = Settings(overrides={"core": {"data_dir": data_dir}})
-    n, rate = (1200, 40.0) if fast else (events, 50.0)
+    n = 1500 if fast else events
     where = "the embedded broker" if settings.embedded else settings.bootstrap
-    console.print(f"[bold]taoflow demo[/]: {n} interactions at {rate:.0f}/s through {where}; data in {data_dir}")
-
-    def progress(i: int, utilities: dict[str, dict[str, float]]) -> None:
-        if i and i % max(1, int(rate * 2)) == 0:
-            best = {t: max(ops, key=ops.__getitem__) for t, ops in utilities.items() if ops}
-            console.print(f"  {i:>5}/{n} sent; current best: {best}")
-
-    result = run_demo(settings, events=n, rate=rate, seed=seed, log=progress)
-    probs = probabilities(result, 0.1)
-    table = Table("task", "operator", "true quality", "learned utility", "traffic 1st half", "traffic 2nd half",
-                  "P(select) now", title="What the loop learned")  # fmt: skip
-    for task, ops in TRUE_QUALITY.items():
-        for op, q in sorted(ops.items(), key=lambda kv: -kv[1]):
-            u = result.utilities.get(task, {}).get(op)
-            table.add_row(task, op, f"{q:.2f}", "-" if u is None else f"{u:.3f}",
-                          f"{result.share_first[task][op]:.0%}", f"{result.share_last[task][op]:.0%}",
-                          f"{probs.get(task, {}).get(op, 0.0):.0%}")  # fmt: skip
+    console.print(f"[bold]taoflow demo[/]: {n} requests through the gateway and {where}; data in {data_dir}")
+    result = run_demo(settings, events=n, seed=seed, log=lambda msg: console.print(msg, highlight=False))
+    table = Table("task", "operator", "true quality", "learned utility", title="What the loop learned")
+    for task, ops in sorted(result.utilities.items()):
+        for op, u in sorted(ops.items(), key=lambda kv: -kv[1]):
+            strategy, _, adapter = op.partition("@")
+            if task == "support":
+                truth = f"{SUPPORT_QUALITY.get(strategy, 0):.2f}"
+            elif adapter == "base":
+                truth = f"{result.math_success.get(strategy, 0):.2f} (verifier)"
+            else:
+                truth = "-"
+            table.add_row(task, op, truth, f"{u:.3f}")
     console.print(table)
-    verdict = "found" if result.best_matches_truth() else "did NOT find"
-    order = "matches" if result.ranking_matches_truth() else "does not match (rarely picked operators learn slowly)"
-    console.print(f"The loop {verdict} the best operator for every task ({result.seconds:.0f}s, learning rate "
-                  f"{DEMO_ALPHA}); the full learned order {order} the true order.")  # fmt: skip
-    console.print("Try it yourself (the file stays in place):")
-    for example in (
-        "SELECT task_type, operator, round(utility, 3) AS u, n FROM utilities ORDER BY task_type, u DESC",
-        "SELECT operator, count(*) AS picks, round(avg(reward), 3) AS reward FROM scores GROUP BY operator",
-        "SELECT source_topic, error FROM dead_letters LIMIT 5",
-    ):
-        console.print(f'  TAOFLOW_DATA_DIR={data_dir} taoflow sql "{example}"', markup=False, highlight=False)
-    console.print("TAO rounds, the gateway and adapter hot-swap join this demo when those tiers land.")
+    for r in result.rounds:
+        m = r.metrics
+        before, after = m.get("heldout_reward_current", 0), m.get("heldout_reward_new", 0)
+        adapter = f"; adapter {r.adapter}" if r.adapter else ""
+        console.print(f"TAO round {r.round_id}: {r.status}; held-out reward {before:.3f} -> {after:.3f}{adapter}")
+    console.print("Adapter events: " + (", ".join(f"{a} {n}" for a, n in result.events) or "none"))
+    order = "match" if result.base_order_ok() else "do NOT match"
+    console.print(f"Learned utilities {order} the operators' true order. Adapter "
+                  + ("published and promoted." if result.published and result.promoted else
+                     "published, not promoted." if result.published else "not published.")
+                  + f" {result.requests} requests, {result.failures} failed, {result.seconds:.0f}s.")  # fmt: skip
+    console.print("Look further (the data stays in place):")
+    examples = (
+        "taoflow report",
+        'taoflow sql "SELECT * FROM operator_leaderboard"',
+        'taoflow sql "SELECT round_id, decision, reward_before, reward_after FROM round_history"',
+    )
+    for example in examples:
+        console.print(f"  TAOFLOW_DATA_DIR={data_dir} {example}", markup=False, highlight=False)
 
 
 @cli.group(cls=_Group)

@@ -1,9 +1,12 @@
-"""`taoflow demo`: simulated agents drive the streaming half of the loop on embedded defaults.
+"""`taoflow demo`: the whole loop on embedded defaults, with simulated agents and a tiny local model.
 
-Agents with two task types pick operators by ACT-R noisy utility (the live utilities, read with SQL), emit
-interactions through the SDK, and report outcomes: a verifier checks math answers, support tickets get
-`task_success` feedback later. Operators differ in true quality; the utilities learn which is better and
-the agents shift their traffic to it. The TAO round and adapter hot-swap join when those tiers land.
+1. The embedded broker, a stream worker (verifier scorer for `math`) and the gateway (a warmed-up tiny model on
+   CPU) start. Agents send traffic through the gateway's OpenAI API: `math` questions (a verifier scores the
+   answers) and `support` chats (the agent reports `task_success` later, more often for the `empathetic`
+   strategy than for `terse`). The gateway routes by the utilities the stream learns.
+2. A TAO round runs on the math prompts the stream landed (unlabeled), passes the gate and publishes an adapter.
+3. The gateway hot-swaps it in as a canary; agents keep sending; it is promoted when it beats the base on the
+   same strategies (or rolled back). The report then shows the improvement.
 """
 
 from __future__ import annotations
@@ -12,179 +15,236 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from learners.actr import select_operator, selection_probabilities
-from streams.sqlapi import query
 from taoflow.broker import EmbeddedBroker
-from taoflow.emitter import Emitter
 from taoflow.exceptions import TaoflowError
 from taoflow.settings import Settings
 
-# true probability that each operator does the task well
-TRUE_QUALITY: dict[str, dict[str, float]] = {
-    "math": {"chain-of-thought": 0.85, "direct": 0.55, "guess": 0.15},
-    "support": {"empathetic": 0.8, "terse": 0.4},
-}
-SCORERS = '[{"type": "exact_match", "task_types": ["math", "warm-up"], "name": "verifier"}]'
-# A slower learning rate than ACT-R's 0.2 default: over a few hundred rewards per task it keeps the learned best
-# operator steady (simulated offline: at 0.2 the best operator is mislearned in about 2.5% of runs, at 0.05 in none
-# of 2,000), at the cost of a slower first shift of traffic.
-DEMO_ALPHA = 0.05
+# the support strategies' true chance of solving the ticket (the simulated users' feedback)
+SUPPORT_QUALITY = {"empathetic": 0.8, "terse": 0.4}
+OPERATORS = {
+    "math": [{"name": "direct"}, {"name": "padded", "template": "{prompt} ok"}],
+    "support": [{"name": "empathetic", "system_prompt": "You are warm and caring."},
+                {"name": "terse", "system_prompt": "Be brief."}],
+}  # fmt: skip
+SCORERS = [{"type": "arithmetic", "task_types": ["math"], "name": "verifier"}]
 
 
 @dataclass
 class DemoResult:
-    """What the demo observed, for the summary and for tests."""
+    utilities: dict[str, dict[str, float]] = field(default_factory=dict)
+    math_success: dict[str, float] = field(default_factory=dict)  # verifier success per math operator (base)
+    rounds: list[Any] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (action, adapter)
+    requests: int = 0
+    failures: int = 0
+    seconds: float = 0.0
 
-    utilities: dict[str, dict[str, float]]
-    share_first: dict[str, dict[str, float]]
-    share_last: dict[str, dict[str, float]]
-    events: int
-    seconds: float
+    def base_order_ok(self) -> bool:
+        """The base model's operators are ranked by utility as their true quality ranks them."""
+        sup = self.utilities.get("support", {})
+        math = self.utilities.get("math", {})
+        ok_support = sup.get("empathetic@base", -1) > sup.get("terse@base", 2)
+        truth = self.math_success
+        ok_math = bool(truth) and (
+            (math.get("direct@base", -1) > math.get("padded@base", 2)) == (truth["direct"] > truth["padded"])
+        )
+        return ok_support and ok_math
 
-    def best_matches_truth(self) -> bool:
-        """For every task, the operator with the highest learned utility is the truly best one."""
-        for task, ops in TRUE_QUALITY.items():
-            learned = self.utilities.get(task, {})
-            if not learned or max(learned, key=learned.__getitem__) != max(ops, key=ops.__getitem__):
-                return False
-        return True
+    @property
+    def published(self) -> str | None:
+        return next((a for act, a in self.events if act == "published"), None)
 
-    def ranking_matches_truth(self) -> bool:
-        """Utilities order each task's operators as their true quality does (rarely picked ones learn slowly)."""
-        for task, ops in TRUE_QUALITY.items():
-            truth = sorted(ops, key=ops.__getitem__, reverse=True)
-            learned = sorted(self.utilities.get(task, {}), key=lambda o: self.utilities[task][o], reverse=True)
-            if learned != truth:
-                return False
-        return True
-
-
-def _shares(choices: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for task, ops in TRUE_QUALITY.items():
-        picked = [op for t, op in choices if t == task]  # the warm-up task is not part of the shares
-        out[task] = {op: (picked.count(op) / len(picked) if picked else 0.0) for op in ops}
-    return out
+    @property
+    def promoted(self) -> bool:
+        return any(act == "promoted" for act, _ in self.events)
 
 
-def _utilities(settings: Settings) -> dict[str, dict[str, float]]:
-    try:
-        rows = query("SELECT task_type, operator, utility FROM utilities", settings, timeout=5).rows
-    except Exception:
-        return {}
-    out: dict[str, dict[str, float]] = {}
-    for task, op, u in rows:
-        if task in TRUE_QUALITY:
-            out.setdefault(task, {})[op] = u
-    return out
+class Agents:
+    """Simulated agents: a few threads sending math and support traffic through the gateway."""
+
+    def __init__(self, url: str, rng: random.Random, threads: int = 3) -> None:
+        import httpx
+
+        self.url, self.rng, self.threads = url, rng, threads
+        self.client = httpx.Client(base_url=url, timeout=120)
+        self.stop = threading.Event()
+        self.sent = 0
+        self.failures = 0
+        self.lock = threading.Lock()
+
+    def one(self, i: int) -> None:
+        rng = random.Random(self.rng.random() + i)
+        if i % 3 != 2:  # two thirds math: the prompts the TAO round learns from
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            body = {"model": "taoflow", "prompt": f"Order {rng.randint(1000, 9999)}: What is {a} + {b}?",
+                    "max_tokens": 4, "temperature": 0, "metadata": {"task_type": "math"}}  # fmt: skip
+            r = self.client.post("/completions", json=body)
+        else:
+            body = {"model": "taoflow", "max_tokens": 8, "temperature": 0.7, "metadata": {"task_type": "support"},
+                    "messages": [{"role": "user", "content": "My order has not arrived."}]}  # fmt: skip
+            r = self.client.post("/chat/completions", json=body)
+            if r.status_code == 200:
+                strategy = r.headers["x-taoflow-operator"].split("@")[0]
+                solved = rng.random() < SUPPORT_QUALITY[strategy]
+                self.client.post("/feedback", json={"interaction_id": r.headers["x-taoflow-interaction-id"],
+                                                    "kind": "task_success", "value": float(solved)})  # fmt: skip
+        with self.lock:
+            self.sent += 1
+            if r.status_code != 200:
+                self.failures += 1
+
+    def run(self, n: int) -> None:
+        """Send n requests over the agent threads; returns when they are answered."""
+        start = self.sent
+        counter = iter(range(start, start + n))
+        lock = threading.Lock()
+
+        def loop() -> None:
+            while not self.stop.is_set():
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                self.one(i)
+
+        ts = [threading.Thread(target=loop, daemon=True) for _ in range(self.threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
 
 
-def _wait_until_processing(settings: Settings, emitter: Emitter, worker: Any, timeout: float = 120.0) -> None:
-    """Send one warm-up interaction and wait until its utility update is queryable: the loop is live."""
-    emitter.emit_interaction(task_type="warm-up", operator="warm-up", prompt="ping", response="pong",
-                             metadata={"answer": "pong"})  # fmt: skip
+def _wait(pred: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise TaoflowError(f"the stream worker exited with {worker.returncode}; see its log in the data dir")
-        try:
-            if query("SELECT count(*) FROM utility_history", settings, timeout=5).rows[0][0] >= 1:
-                return
-        except Exception:
-            pass
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TaoflowError(f"the demo timed out waiting for {what}")
         time.sleep(0.5)
-    raise TaoflowError(f"the stream worker did not process the warm-up event within {timeout:.0f}s")
 
 
-def run_demo(
-    settings: Settings, *, events: int = 3000, rate: float = 150.0, seed: int = 0, noise_s: float = 0.1, log: Any = None
-) -> DemoResult:
-    """Run broker (if none is configured), worker and simulated agents; return what was learned."""
+def run_demo(settings: Settings, *, events: int = 1600, seed: int = 0, log: Any = None) -> DemoResult:
+    """Run the loop end to end (see the module docstring); `log(message)` reports progress."""
+    import uvicorn
+
+    from learners.tao import run_round
+    from learners.tasks import make_warm_model
+    from serving.backends import TransformersBackend
+    from serving.gateway import Gateway, build_app
+    from streams.sqlapi import query
+
+    say = log or (lambda msg: None)
     rng = random.Random(seed)
-    broker = None
-    if settings.embedded:
-        broker = EmbeddedBroker(settings).start()
-    env = {**os.environ, **settings.environ(), "TAOFLOW_STREAM_SCORERS": SCORERS, "TAOFLOW_LOG_LEVEL": "WARNING"}
-    env["TAOFLOW_STREAM_ALPHA"] = str(DEMO_ALPHA)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    settings.core.data_dir.mkdir(parents=True, exist_ok=True)
-    worker_log = open(settings.core.data_dir / "demo-worker.log", "ab")  # noqa: SIM115 - the child writes it
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "taoflow.cli", "worker"], env=env, stdout=worker_log, stderr=subprocess.STDOUT
-    )
-    emitter = Emitter(settings, agent_id="demo-agents")
-    _wait_until_processing(settings, emitter, worker)
-    choices: list[tuple[str, str]] = []
-    pending_feedback: list[tuple[float, str, float]] = []
-    start = time.monotonic()
-    utilities: dict[str, dict[str, float]] = {}
-    last_refresh = 0.0
+    t0 = time.monotonic()
+    data = settings.core.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    base = data / "models" / "warm"
+    if not (base / "config.json").exists():
+        say("building a tiny model and giving it a short supervised warm-up (weak, not random)")
+        make_warm_model(base, steps=200, examples=60, seed=seed)
+    broker = EmbeddedBroker(settings).start() if settings.embedded else None
+    overrides = {
+        **settings.overrides,
+        "core": {**settings.overrides.get("core", {}), "base_model": str(base)},
+        "kafka": {"bootstrap": settings.bootstrap},
+        "serve": {"operators": OPERATORS, "canary_fraction": 0.3, "promote_after": 40, "rollback_margin": 0.15,
+                  "max_tokens": 8, "port": 0},
+        "learner": {"scorers": [{"type": "arithmetic"}], "task_types": ["math"], "k": 16, "steps": 100,
+                    "learning_rate": 2e-3, "batch_prompts": 8, "max_new_tokens": 4, "temperatures": [1.0],
+                    "lora_r": 16, "lora_alpha": 32, "max_prompts": 1000, "seed": seed},
+        "stream": {"scorers": SCORERS, "alpha": 0.1},
+    }  # fmt: skip
+    s = Settings(overrides=overrides)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, **s.environ(), "TAOFLOW_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    worker_log = open(data / "demo-worker.log", "ab")  # noqa: SIM115 - the child writes it
+    worker = subprocess.Popen([sys.executable, "-m", "taoflow.cli", "worker"], env=env, stdout=worker_log,
+                              stderr=subprocess.STDOUT)  # fmt: skip
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s = Settings(overrides={**overrides, "serve": {**overrides["serve"], "port": port}})
+    gateway = Gateway(s, TransformersBackend(str(base), "cpu"))
+    server = uvicorn.Server(uvicorn.Config(build_app(gateway), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    result = DemoResult()
+    agents: Agents | None = None
+
+    def count(sql: str) -> int:
+        try:
+            return int(query(sql, s).rows[0][0])
+        except Exception:
+            return -1
+
     try:
-        for i in range(events):
-            now = time.monotonic()
-            if now - last_refresh > 0.5:
-                utilities = _utilities(settings) or utilities
-                last_refresh = now
-                if log:
-                    log(i, utilities)
-            task = "math" if i % 2 == 0 else "support"
-            ops = TRUE_QUALITY[task]
-            known = {op: utilities.get(task, {}).get(op, settings.stream.initial_utility) for op in ops}
-            op = select_operator(known, noise_s, rng)
-            choices.append((task, op))
-            good = rng.random() < ops[op]
-            if task == "math":
-                a, b = rng.randint(1, 50), rng.randint(1, 50)
-                answer = a + b if good else a + b + rng.randint(1, 9)
-                emitter.emit_interaction(
-                    task_type=task,
-                    operator=op,
-                    prompt=f"What is {a} + {b}?",
-                    response=f"The answer is {answer}",
-                    metadata={"answer": str(a + b)},
-                )
-            else:
-                iid = emitter.emit_interaction(
-                    task_type=task,
-                    operator=op,
-                    prompt="My order has not arrived.",
-                    response="I am sorry, let me check the status for you.",
-                )
-                pending_feedback.append((now + rng.uniform(0.2, 1.0), iid, 1.0 if good else 0.0))
-            due = [f for f in pending_feedback if f[0] <= now]
-            for f in due:
-                emitter.emit_feedback(interaction_id=f[1], kind="task_success", value=f[2])
-            pending_feedback = [f for f in pending_feedback if f[0] > now]
-            ahead = (i + 1) / rate - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(ahead)
-        for f in pending_feedback:
-            emitter.emit_feedback(interaction_id=f[1], kind="task_success", value=f[2])
-        emitter.flush(30)
-        deadline = time.monotonic() + 60
-        expected = events + len([c for c in choices if c[0] == "support"]) + 1
-        while time.monotonic() < deadline:
-            done = query("SELECT count(*) FROM utility_history", settings).rows[0][0]
-            if done >= expected:
+        _wait(lambda: server.started or not thread.is_alive(), 300, "the gateway")
+        if not server.started:
+            raise TaoflowError("the gateway failed to start; see the log above")
+        agents = Agents(f"http://127.0.0.1:{port}/v1", rng)
+        agents.run(2)
+        _wait(lambda: count("SELECT count(*) FROM interactions") >= 2, 180, "the stream worker")
+        first = events * 2 // 3
+        say(f"phase 1: {first} requests through the gateway (math: verifier; support: user feedback)")
+        agents.run(first)
+        _wait(lambda: count("SELECT count(*) FROM interactions") >= agents.sent, 120, "the interactions to land")
+        say("phase 2: a TAO round on the math prompts the stream landed (prompts only, no labels)")
+        for _ in range(3):
+            r = run_round(s)
+            result.rounds.append(r)
+            m = r.metrics
+            say(
+                f"  round {r.round_id}: {r.status}; held-out reward {m.get('heldout_reward_current', 0):.3f} -> "
+                f"{m.get('heldout_reward_new', 0):.3f} (gain lower bound {m.get('gain_lcb', 0):+.3f})"
+            )
+            if r.status == "published":
                 break
-            time.sleep(0.5)
-        utilities = _utilities(settings)
+        name = result.rounds[-1].adapter
+        if name:
+            _wait(
+                lambda: gateway.router.canary == name or gateway.router.incumbent == name,
+                120,
+                "the gateway to load the adapter",
+            )
+            say(f"phase 3: {name} serves as a canary; traffic goes on until it is promoted or rolled back")
+            budget = events - first
+            while budget > 0 and gateway.router.canary == name:
+                agents.run(min(100, budget))
+                budget -= 100
+            verdict = "promoted" if gateway.router.incumbent == name else "not promoted"
+            diff, n = gateway.router.compare(name, None)
+            say(
+                f"  adapter {name}: {verdict} (utility {diff:+.3f} against the base on the same strategies, "
+                f"{n} rewards)"
+            )
+        sent = agents.sent
+        _wait(lambda: count("SELECT count(*) FROM interactions") >= sent, 120, "the last interactions to land")
+        time.sleep(3)  # the last rewards and utility updates
+        for task, op, u in query("SELECT task_type, operator, utility FROM utilities", s).rows:
+            result.utilities.setdefault(task, {})[op] = u
+        for op, mean in query("SELECT operator, avg(reward) FROM final_scores WHERE task_type = 'math' AND "
+                              "operator LIKE '%@base' GROUP BY operator", s).rows:  # fmt: skip
+            result.math_success[op.split("@")[0]] = mean
+        _wait(lambda: count("SELECT count(*) FROM adapters") >= (2 if name else 0), 60, "the adapter rows")
+        result.events = [(a, n) for n, a in query("SELECT adapter, action FROM adapters ORDER BY ts", s).rows]
+        result.requests, result.failures = agents.sent, agents.failures
     finally:
-        emitter.close()
+        if agents is not None:
+            agents.stop.set()
+        server.should_exit = True
+        thread.join(60)
         worker.terminate()
-        worker.wait(30)
+        worker.wait(60)
         worker_log.close()
         if broker is not None:
             broker.stop()
-    half = len(choices) // 2
-    return DemoResult(utilities, _shares(choices[:half]), _shares(choices[half:]), events, time.monotonic() - start)
-
-
-def probabilities(result: DemoResult, noise_s: float) -> dict[str, dict[str, float]]:
-    """Selection probability of each operator under the learned utilities."""
-    return {task: selection_probabilities(ops, noise_s) for task, ops in result.utilities.items()}
+    result.seconds = time.monotonic() - t0
+    return result
