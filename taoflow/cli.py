@@ -338,8 +338,10 @@ def demo(seed: int, events: int, fast: bool) -> None:
         adapter = f"; adapter {r.adapter}" if r.adapter else ""
         console.print(f"TAO round {r.round_id}: {r.status}; held-out reward {before:.3f} -> {after:.3f}{adapter}")
     console.print("Adapter events: " + (", ".join(f"{a} {n}" for a, n in result.events) or "none"))
-    order = "match" if result.base_order_ok() else "do NOT match"
-    console.print(f"Learned utilities {order} the operators' true order. Adapter "
+    support = "match" if result.support_order_ok() else "do NOT match"
+    math = "match" if result.math_order_ok() else "do not match"
+    console.print(f"Support utilities {support} the strategies' true order; math utilities {math} the "
+                  "verifier's. Adapter "
                   + ("published and promoted." if result.published and result.promoted else
                      "published, not promoted." if result.published else "not published.")
                   + f" {result.requests} requests, {result.failures} failed, {result.seconds:.0f}s.")  # fmt: skip

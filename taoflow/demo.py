@@ -45,16 +45,18 @@ class DemoResult:
     failures: int = 0
     seconds: float = 0.0
 
-    def base_order_ok(self) -> bool:
-        """The base model's operators are ranked by utility as their true quality ranks them."""
+    def support_order_ok(self) -> bool:
+        """The support strategies (true quality set by the simulated users) are ranked by utility as they should."""
         sup = self.utilities.get("support", {})
-        math = self.utilities.get("math", {})
-        ok_support = sup.get("empathetic@base", -1) > sup.get("terse@base", 2)
-        truth = self.math_success
-        ok_math = bool(truth) and (
-            (math.get("direct@base", -1) > math.get("padded@base", 2)) == (truth["direct"] > truth["padded"])
-        )
-        return ok_support and ok_math
+        return sup.get("empathetic@base", -1) > sup.get("terse@base", 2)
+
+    def math_order_ok(self) -> bool:
+        """The math strategies are ranked as the verifier measured them on the base model (a noisier check:
+        the tiny model answers about one in five questions right)."""
+        math, truth = self.utilities.get("math", {}), self.math_success
+        if len(truth) < 2:
+            return False
+        return (math.get("direct@base", -1) > math.get("padded@base", -1)) == (truth["direct"] > truth["padded"])
 
     @property
     def published(self) -> str | None:
@@ -157,7 +159,7 @@ def run_demo(settings: Settings, *, events: int = 1600, seed: int = 0, log: Any 
         "learner": {"scorers": [{"type": "arithmetic"}], "task_types": ["math"], "k": 16, "steps": 100,
                     "learning_rate": 2e-3, "batch_prompts": 8, "max_new_tokens": 4, "temperatures": [1.0],
                     "lora_r": 16, "lora_alpha": 32, "max_prompts": 1000, "seed": seed},
-        "stream": {"scorers": SCORERS, "alpha": 0.1},
+        "stream": {"scorers": SCORERS, "alpha": 0.05},
     }  # fmt: skip
     s = Settings(overrides=overrides)
     root = str(Path(__file__).resolve().parents[1])

@@ -27,6 +27,8 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 PARTITIONS = 4
 OPERATORS = {"good": 0.9, "mid": 0.55, "bad": 0.2}
 ALPHA = 0.2
+
+
 # Known bug (README, "Known issues"): after a worker restart or death, the consumer-group
 # rebalance that follows can lose a few events (2-18 seen, one contiguous offset range) in about one run
 # in three: the worker never scores them, though the lander lands their rows. Cause not found yet.

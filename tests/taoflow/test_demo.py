@@ -24,6 +24,6 @@ def test_demo_fast_learns_operator_order(tmp_path: Path) -> None:
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert "Learned utilities match the operators' true order" in out, out
+    assert "Support utilities match the strategies' true order" in out, out
     assert "TAO round" in out and ", 0 failed" in out, out
     assert (tmp_path / "d" / "demo" / "taoflow.duckdb").exists()
