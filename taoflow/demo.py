@@ -221,6 +221,9 @@ def run_demo(settings: Settings, *, events: int = 1600, seed: int = 0, log: Any 
             while budget > 0 and gateway.router.canary == name:
                 agents.run(min(100, budget))
                 budget -= 100
+            if gateway.router.incumbent == name:
+                say("phase 4: 300 more requests, now served by the promoted adapter")
+                agents.run(300)
             verdict = "promoted" if gateway.router.incumbent == name else "not promoted"
             diff, n = gateway.router.compare(name, None)
             say(

@@ -222,7 +222,7 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(fresh_broker: E
 def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
     fresh_broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    n = 12_000
+    n = 20_000
     producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, linger_ms=5)
 
     def produce() -> None:
