@@ -49,27 +49,12 @@ class _Message(BaseModel):
     name: str | None = None
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other OpenAI parameters are accepted and ignored
+class _SamplingRequest(BaseModel):
+    """What chat and text completions share; other OpenAI parameters are accepted and ignored."""
 
-    model: str
-    messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = 1
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    metadata: dict[str, Any] | None = None
-
-
-class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    prompt: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -78,6 +63,15 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     seed: int | None = None
     metadata: dict[str, Any] | None = None
+
+
+class ChatRequest(_SamplingRequest):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str
 
 
 class FeedbackRequest(BaseModel):

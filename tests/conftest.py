@@ -40,6 +40,15 @@ def broker() -> Iterator[EmbeddedBroker]:
     b.stop()
 
 
+@pytest.fixture
+def fresh_broker() -> Iterator[EmbeddedBroker]:
+    """A broker of its own, so the topics hold exactly what this test produced."""
+    b = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": 4}}))
+    b.start()
+    yield b
+    b.stop()
+
+
 @pytest.fixture(scope="session")
 def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model given a short supervised warm-up on small sums: weak, not random (built once per session)."""

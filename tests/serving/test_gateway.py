@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,6 @@ import pytest
 from serving.backends import TransformersBackend, VllmBackend
 from taoflow.broker import EmbeddedBroker
 from taoflow.settings import Settings
-from tests.conftest import free_port
 from tests.serving.harness import noise_adapter, running_gateway
 from tests.streams.harness import start_worker, stop, wait_for, worker_env
 
@@ -28,19 +26,11 @@ def gw_settings(data: Path, base: Path, bootstrap: str, **serve: object) -> Sett
                                "sdk": {"spool_dir": data / "spool"}})  # fmt: skip
 
 
-@pytest.fixture
-def broker() -> Iterator[EmbeddedBroker]:
-    """A broker of its own: the interaction rows this test counts are exactly the ones it sent."""
-    b = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": 2}}))
-    b.start()
-    yield b
-    b.stop()
-
-
 @pytest.mark.broker
 def test_openai_client_chat_stream_completions_feedback_each_request_lands_as_an_interaction(
-    broker: EmbeddedBroker, tmp_path: Path, warm_model: Path
+    fresh_broker: EmbeddedBroker, tmp_path: Path, warm_model: Path
 ) -> None:
+    broker = fresh_broker  # the interaction rows this test counts are exactly the ones it sent
     data = tmp_path / "data"
     adapter_dir = noise_adapter(warm_model, data / "adapters" / "ad-1", seed=1)
     operators = {"support": [{"name": "kind", "system_prompt": "Be kind."}], "default": [{"name": "plain"}]}

@@ -9,7 +9,6 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -20,21 +19,13 @@ from schemas import AdapterEvent, UtilityEvent
 from serving.backends import GenRequest, TransformersBackend
 from taoflow.broker import EmbeddedBroker
 from taoflow.settings import Settings
-from tests.conftest import free_port, read_topic
+from tests.conftest import read_topic
 from tests.serving.harness import noise_adapter, running_gateway
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 TASK = "swap"
 PROMPTS = [f"Order {i}: What is {i} + {i + 1}?" for i in range(4)]
-
-
-@pytest.fixture
-def fresh_broker() -> Iterator[EmbeddedBroker]:
-    b = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": 2}}))
-    b.start()
-    yield b
-    b.stop()
 
 
 async def _references(base: Path, adapter: Path) -> dict[tuple[str | None, str], str]:

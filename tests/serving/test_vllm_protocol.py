@@ -19,7 +19,6 @@ from schemas import AdapterEvent, UtilityEvent
 from serving.backends import VllmBackend
 from taoflow.broker import EmbeddedBroker
 from taoflow.settings import Settings
-from tests.conftest import free_port
 from tests.serving.harness import running_gateway
 
 pytestmark = [pytest.mark.broker]
@@ -80,14 +79,6 @@ def fake_vllm() -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
-
-
-@pytest.fixture
-def fresh_broker() -> Iterator[EmbeddedBroker]:
-    b = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": 2}}))
-    b.start()
-    yield b
-    b.stop()
 
 
 def test_gateway_drives_vllm_runtime_lora_loading_generation_and_unloading(

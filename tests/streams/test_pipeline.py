@@ -7,7 +7,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,27 +18,12 @@ from kafka.partitioner.default import murmur2
 from learners.actr import update_utility, utility_after
 from streams.sqlapi import query
 from taoflow.broker import EmbeddedBroker
-from taoflow.settings import Settings
-from tests.conftest import free_port
 from tests.streams.harness import counts, settings_for, start_worker, stop, wait_for, worker_env
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-PARTITIONS = 4
+PARTITIONS = 4  # as the `fresh_broker` fixture (tests/conftest.py) creates them
 OPERATORS = {"good": 0.9, "mid": 0.55, "bad": 0.2}
 ALPHA = 0.2
-
-
-# Known bug (README, "Known issues"): after a worker restart or death, the consumer-group
-# rebalance that follows can lose a few events (2-18 seen, one contiguous offset range) in about one run
-# in three: the worker never scores them, though the lander lands their rows. Cause not found yet.
-# The assertions stay whole; the mark keeps CI honest without hiding it.
-@pytest.fixture
-def fresh_broker() -> Iterator[EmbeddedBroker]:
-    """A broker of its own, so the topics hold exactly what this test produced."""
-    b = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": PARTITIONS}}))
-    b.start()
-    yield b
-    b.stop()
 
 
 def interaction(eid: str, op: str, reward: float, i: int) -> dict[str, Any]:
