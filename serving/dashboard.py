@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from serving.exceptions import AuthError
+from taoflow.report import bucket_width
 from taoflow.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "taoflow_admin"
 REFRESH_S = 5
-_WIDTHS = [1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400]
 
 
 def _iso(v: Any) -> Any:
@@ -34,18 +33,6 @@ def _rows(settings: Settings, sql: str) -> list[dict[str, Any]]:
     from streams.sqlapi import query
 
     return [{k: _iso(v) for k, v in r.items()} for r in query(sql, settings).as_dicts()]
-
-
-def bucket_width(first: Any, last: Any, buckets: int = 60) -> int:
-    """A bucket width (seconds) giving at most `buckets` points over the span.
-
-    >>> bucket_width("2026-01-01T00:00:00", "2026-01-01T01:00:00")
-    60
-    """
-    if not first or not last:
-        return 60
-    span = (datetime.fromisoformat(str(last)) - datetime.fromisoformat(str(first))).total_seconds()
-    return next((w for w in _WIDTHS if span / w <= buckets), _WIDTHS[-1])
 
 
 def lander_status(settings: Settings) -> dict[str, Any] | None:
@@ -65,7 +52,7 @@ def lander_status(settings: Settings) -> dict[str, Any] | None:
 def dashboard_data(settings: Settings) -> dict[str, Any]:
     """Everything the page draws, from the views (`/dashboard/data`)."""
     span = _rows(settings, "SELECT min(ts) AS first, max(ts) AS last, count(*) AS n FROM final_scores")[0]
-    w = bucket_width(span["first"], span["last"])
+    w = bucket_width(span["first"], span["last"], 60, empty=60)
     reward = _rows(
         settings,
         f"SELECT bucket, adapter, sum(mean_reward * n) / sum(n) AS y, sum(n) AS n "

@@ -13,6 +13,7 @@ carries its interaction id (`X-Taoflow-Interaction-Id` header and `interaction_i
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import logging
@@ -150,7 +151,8 @@ class Gateway:
         self.admin_keys = {k.get_secret_value() for k in self.cfg.admin_keys}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.instance = uuid.uuid4().hex  # marks the adapter events this process emits (it skips their echo)
-        self.audit: list[dict[str, Any]] = []  # (interaction, routed adapter, served adapter): checked by tests
+        # the last requests' routed and served adapters (bounded: it is filled on every request)
+        self.audit: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -199,25 +201,16 @@ class Gateway:
 
     async def _feed(self) -> None:
         """Utilities and adapter events from the beginning of their topics, then live."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import AIOKafkaConsumer
 
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False, **self.settings.kafka.security_kwargs()
         )
         await consumer.start()
         try:
-            tps = []
-            for topic in (names.UTILITIES, names.ADAPTERS):
-                parts = consumer.partitions_for_topic(topic)
-                for _ in range(50):
-                    if parts:
-                        break
-                    await consumer.force_metadata_update()
-                    parts = consumer.partitions_for_topic(topic)
-                    await asyncio.sleep(0.1)
-                tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            from taoflow.broker import assign_from_start
+
+            tps = await assign_from_start(consumer, (names.UTILITIES, names.ADAPTERS))
             ends = await consumer.end_offsets(tps)
             pending = {tp for tp, end in ends.items() if end > 0}
             live = not pending
@@ -377,7 +370,10 @@ class Gateway:
         endpoint: str,
         stream: bool,
         metadata: dict[str, Any] | None,
+        served: str | None,
     ) -> None:
+        """Record a finished request: the audit of routed vs served adapter, and its InteractionEvent."""
+        self.audit.append({"iid": iid, "routed": op.adapter, "served": served, "text": gen.text})
         meta = {k: v for k, v in (metadata or {}).items() if k not in ("task_type", "operator")}
         meta.update(
             model=model,
@@ -568,7 +564,6 @@ def build_app(gateway: Gateway) -> Any:
         finally:
             await gw.backend.release(op.adapter)
         latency = (time.perf_counter() - t0) * 1000
-        gw.audit.append({"iid": iid, "routed": op.adapter, "served": gen_req.served, "text": gen.text})
         gw.capture(
             iid=iid,
             task_type=task_type,
@@ -581,6 +576,7 @@ def build_app(gateway: Gateway) -> Any:
             endpoint=endpoint,
             stream=False,
             metadata=req.metadata,
+            served=gen_req.served,
         )
         usage = {
             "prompt_tokens": gen.prompt_tokens,
@@ -658,7 +654,6 @@ def build_app(gateway: Gateway) -> Any:
             return
         finally:
             await gw.backend.release(op.adapter)
-        gw.audit.append({"iid": iid, "routed": op.adapter, "served": gen_req.served, "text": text})
         tok = getattr(gw.backend, "tokenizer", None)
         n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else 0
         gen = Generation(text, gen_req.prompt_tokens, n_completion, "stop")
@@ -674,6 +669,7 @@ def build_app(gateway: Gateway) -> Any:
             endpoint="chat" if chat else "completions",
             stream=True,
             metadata=req.metadata,
+            served=gen_req.served,
         )
 
     @app.post("/v1/chat/completions")

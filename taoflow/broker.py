@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -67,6 +68,28 @@ def wait_for_kafka(bootstrap: str, timeout: float, security: dict[str, Any] | No
             last = exc
             time.sleep(0.1)
     raise BrokerError(f"Kafka at {bootstrap} did not answer within {timeout:.0f}s ({last})")
+
+
+async def assign_from_start(consumer: Any, topics: Iterable[str]) -> list[Any]:
+    """Assign every partition of `topics` to a started aiokafka consumer (no group) and seek to the start;
+    waits up to 5 s for topic metadata. Returns the partitions."""
+    import asyncio
+
+    from aiokafka import TopicPartition
+
+    tps = []
+    for topic in topics:
+        parts = consumer.partitions_for_topic(topic)
+        for _ in range(50):
+            if parts:
+                break
+            await consumer.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic)
+            await asyncio.sleep(0.1)
+        tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    return tps
 
 
 def ensure_topics(settings: Settings, partitions: int | None = None) -> list[str]:

@@ -40,6 +40,19 @@ def parse_since(text: str | None, now: datetime | None = None) -> datetime | Non
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def bucket_width(first: Any, last: Any, buckets: int, empty: int = 3600) -> int:
+    """A bucket width (seconds) giving at most `buckets` points over the span from `first` to `last`
+    (`empty` when there is no span yet).
+
+    >>> bucket_width("2026-01-01T00:00:00", "2026-01-01T01:00:00", 60)
+    60
+    """
+    if not first or not last:
+        return empty
+    span = (datetime.fromisoformat(str(last)) - datetime.fromisoformat(str(first))).total_seconds()
+    return next((w for w in _WIDTHS if span / w <= buckets), _WIDTHS[-1])
+
+
 def sparkline(values: list[float | None], lo: float = 0.0, hi: float = 1.0) -> str:
     """One character per value; gaps are spaces.
 
@@ -76,12 +89,7 @@ def gather(settings: Settings, since: datetime | None = None, task_type: str | N
         settings,
         f"SELECT min(ts) AS first, max(ts) AS last, count(*) AS n, avg(reward) AS mean FROM final_scores{cond}",
     )[0]
-    width = 3600
-    if span["first"] and span["last"]:
-        seconds = (
-            datetime.fromisoformat(str(span["last"])) - datetime.fromisoformat(str(span["first"]))
-        ).total_seconds()
-        width = next((w for w in _WIDTHS if seconds / w <= 40), _WIDTHS[-1])
+    width = bucket_width(span["first"], span["last"], 40)
     series = _q(
         settings,
         f"SELECT * FROM improvement_by(INTERVAL {width} SECOND)"

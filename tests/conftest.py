@@ -74,22 +74,15 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list[Any]:
     """Every record of `topic` from the beginning (no consumer group), stopping once `expected` arrived."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
+
+    from taoflow.broker import assign_from_start
 
     async def run() -> list[Any]:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(topic)
-            for _ in range(50):
-                if parts:
-                    break
-                await consumer.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic)
-                await asyncio.sleep(0.1)
-            tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            await assign_from_start(consumer, [topic])
             out: list[Any] = []
             deadline = asyncio.get_running_loop().time() + timeout
             while len(out) < expected and asyncio.get_running_loop().time() < deadline:

@@ -214,7 +214,8 @@ def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_p
 
     import uvicorn
 
-    from serving.dashboard import bucket_width, build_dashboard_app
+    from serving.dashboard import build_dashboard_app
+    from taoflow.report import bucket_width
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is installed by `make test` (apt); run `make test` or install it"
@@ -247,7 +248,8 @@ def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_p
     reward_points = [(s, x, float(y)) for s, x, y in points if s in ("base", "ad1")]
     # independently: mean final reward per adapter per bucket, with the dashboard's bucket width
     final = final_rewards(planted)
-    width = bucket_width(min(r["final_ts"] for r in final).isoformat(), max(r["final_ts"] for r in final).isoformat())
+    first, last = min(r["final_ts"] for r in final), max(r["final_ts"] for r in final)
+    width = bucket_width(first.isoformat(), last.isoformat(), 60)  # the dashboard's bucket count
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in final:
         start = datetime.fromtimestamp(r["final_ts"].timestamp() // width * width, UTC)
