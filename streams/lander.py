@@ -26,7 +26,7 @@ from schemas import AdapterEvent, DeadLetter, FeedbackEvent, InteractionEvent, S
 from schemas import topics as names
 from schemas.exceptions import EventValidationError
 from streams import store
-from streams.sqlapi import run_query
+from streams.sqlapi import LakeViews, run_query
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ class Lander:
         self.last_land_s = 0.0
         self.land_seconds: list[float] = []  # per landed batch, drained by each scrape
         self.lag: dict[str, int] = {}  # topic/partition -> records behind the broker's high-water mark
+        self._lake = LakeViews(self.cfg.parquet_url) if self.cfg.parquet_url else None
 
     def lag_total(self) -> int:
         return sum(self.lag.values())
@@ -236,6 +237,14 @@ class Lander:
         finally:
             cur.close()
 
+    def _query(self, sql: str) -> dict[str, Any]:
+        if self._lake is not None:
+            try:
+                self._lake.refresh(self.con)
+            except Exception as exc:  # a lake that cannot be read must not take the SQL endpoint down
+                log.warning("could not refresh the lake views: %s", exc)
+        return run_query(self.con, sql)
+
     async def _serve_sql(self) -> Any:
         from aiohttp import web
 
@@ -246,7 +255,7 @@ class Lander:
             except (ValueError, KeyError, TypeError):
                 return web.json_response({"error": 'send JSON {"sql": "SELECT ..."}'}, status=400)
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.pool, run_query, self.con, query)
+            result = await loop.run_in_executor(self.pool, self._query, query)
             return web.Response(body=orjson.dumps(result, default=str), content_type="application/json",
                                 status=400 if "error" in result else 200)  # fmt: skip
 
@@ -299,8 +308,18 @@ def main() -> None:
                 await asyncio.sleep(0.5)
 
         watch = asyncio.create_task(orphan_watch())
-        await Lander(settings).run(stop)
-        watch.cancel()
+        jobs = []
+        if settings.stream.land_duckdb:
+            jobs.append(Lander(settings).run(stop))
+        if settings.stream.parquet_url:
+            from streams.parquet import ParquetLander
+
+            jobs.append(ParquetLander(settings).run(stop))
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            stop.set()
+            watch.cancel()
 
     asyncio.run(run())
 

@@ -85,9 +85,9 @@ def query(sql: str, settings: Settings | None = None, timeout: float = 60.0) -> 
             result = json.loads(exc.read() or b"{}")
         except (urllib.error.URLError, OSError):
             # a lander killed without cleaning up leaves its address behind: read the file instead
-            return _query_file(settings.core.duckdb_path, sql)
+            return _query_file(settings.core.duckdb_path, sql, settings.stream.parquet_url)
         return _result(result)
-    return _query_file(settings.core.duckdb_path, sql)
+    return _query_file(settings.core.duckdb_path, sql, settings.stream.parquet_url)
 
 
 def _ensure_views(path: Path) -> None:
@@ -109,9 +109,62 @@ def _ensure_views(path: Path) -> None:
         con.close()
 
 
-def _query_file(path: Path, sql: str) -> QueryResult:
+class LakeViews:
+    """Keeps a connection's `lake.*` views (Parquet landing) in step with which tables have files yet."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.present: tuple[str, ...] | None = None
+
+    def refresh(self, con: Any) -> None:
+        from streams.parquet import LAKE_TABLES, _has_files, lake_views
+
+        present = tuple(t for t in LAKE_TABLES if _has_files(self.url, t))
+        if present != self.present:
+            lake_views(con, self.url)
+            self.present = present
+
+
+def _lake_connection(path: Path, url: str) -> Any:
+    """An in-memory connection with the `lake.*` views, the DuckDB file's tables (read-only) when it exists,
+    and the outcome views. Without a DuckDB file (Parquet-only landing), the event tables *are* the lake."""
     import duckdb
 
+    from streams import store
+    from streams.parquet import LAKE_TABLES
+
+    con = duckdb.connect()
+    con.execute(store.DDL)
+    if path.exists():
+        try:
+            con.execute(f"ATTACH '{path}' AS outcomes (READ_ONLY)")
+        except duckdb.IOException as exc:
+            con.close()
+            raise QueryError(f"{path} is held by a process that serves no SQL endpoint: {exc}") from None
+        tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = 'outcomes' "
+                                            "AND schema_name = 'main'").fetchall()]  # fmt: skip
+        LakeViews(url).refresh(con)
+        for t in tables:
+            con.execute(f"DROP TABLE IF EXISTS main.{t}")
+            con.execute(f"CREATE VIEW main.{t} AS SELECT * FROM outcomes.main.{t}")
+    else:
+        LakeViews(url).refresh(con)
+        for t in LAKE_TABLES:
+            con.execute(f"DROP TABLE main.{t}")
+            con.execute(f"CREATE VIEW main.{t} AS SELECT * EXCLUDE (date) FROM lake.{t}")
+    con.execute(store.VIEWS)
+    return con
+
+
+def _query_file(path: Path, sql: str, parquet_url: str | None = None) -> QueryResult:
+    import duckdb
+
+    if parquet_url:
+        con = _lake_connection(path, parquet_url)
+        try:
+            return _result(orjson.loads(orjson.dumps(run_query(con, sql), default=str)))
+        finally:
+            con.close()
     if not path.exists():
         raise QueryError(f"no outcome database at {path}; start `taoflow worker` (or `taoflow up`) first")
     _ensure_views(path)

@@ -205,7 +205,13 @@ class StreamSettings(_Component):
     feedback_weights: dict[str, float] = Field(
         default_factory=lambda: {k: 1.0 for k in ("thumbs", "rating", "followup", "implemented", "task_success")}
     )
-    land: bool = Field(default=True, description="run the DuckDB lander beside the worker (one owner per file)")
+    land: bool = Field(default=True, description="run the lander process beside the worker (DuckDB and/or Parquet)")
+    land_duckdb: bool = Field(default=True, description="land in the DuckDB file (one owner at a time, others stand by)")
+    parquet_url: str | None = Field(
+        default=None,
+        description="also land the event tables as hive-partitioned Parquet (by date, task type) under this "
+        "directory or object-store URL; every worker lands its share in parallel",
+    )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics of the worker; 0: off")
 
 

@@ -50,17 +50,19 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
-def settings_for(data_dir: Path) -> Settings:
-    return Settings(overrides={"core": {"data_dir": data_dir}})
+def settings_for(data_dir: Path, **stream: Any) -> Settings:
+    return Settings(overrides={"core": {"data_dir": data_dir}, "stream": stream})
 
 
-def wait_for(data_dir: Path, sql: str, predicate: Any, timeout: float = 180.0) -> QueryResult:
+def wait_for(
+    data_dir: Path, sql: str, predicate: Any, timeout: float = 180.0, settings: Settings | None = None
+) -> QueryResult:
     """Poll SQL (through the lander, while it runs) until predicate(result) holds."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = query(sql, settings_for(data_dir))
+            last = query(sql, settings or settings_for(data_dir))
             if predicate(last):
                 return last  # type: ignore[no-any-return]
         except Exception as exc:

@@ -219,8 +219,9 @@ def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
         producer.flush()
         producer.close()
 
-    data = tmp_path / "data"
-    env = worker_env(fresh_broker.bootstrap, data, "pair")
+    data, lake = tmp_path / "data", tmp_path / "lake"
+    # both workers' landers also land Parquet, in parallel (each its share of the partitions)
+    env = worker_env(fresh_broker.bootstrap, data, "pair", TAOFLOW_STREAM_PARQUET_URL=str(lake))
     first = start_worker(env, tmp_path / "first.log")  # its lander takes the DuckDB file
     wait_for(data, "SELECT count(*) FROM interactions", lambda r: r.rows[0][0] == 0, timeout=60)
     second = start_worker(env, tmp_path / "second.log")  # its lander stands by
@@ -239,6 +240,18 @@ def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
         u, count = query("SELECT utility, n FROM utilities WHERE operator = 'good'", settings_for(data)).rows[0]
         assert count == n and abs(u - utility_after(0.0, OPERATORS["good"], ALPHA, n)) < 1e-9
         assert "Error in recovery" not in (tmp_path / "second.log").read_text(errors="replace")
+        # the Parquet lake: every interaction exactly once in the files themselves (the dead lander's uncommitted
+        # files were removed by the one that took its partitions over), and the lake views agree with DuckDB
+        cfg = settings_for(data, parquet_url=str(lake))
+        wait_for(data, "SELECT count(*) FROM lake.utility_history", lambda r: r.rows[0][0] == n, timeout=60, settings=cfg)
+        raw = query(f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{lake}/interactions/**/*.parquet')",
+                    cfg).rows[0]  # fmt: skip
+        assert raw == [n, n]
+        lake_counts = query("SELECT (SELECT count(*) FROM lake.interactions), (SELECT count(*) FROM lake.scores), "
+                            "(SELECT count(DISTINCT task_type) FROM lake.scores)", cfg).rows[0]  # fmt: skip
+        assert lake_counts == [n, n, 1]
+        writers = {f.name.rsplit("-", 1)[1] for f in (lake / "interactions").rglob("*.parquet")}
+        assert len(writers) >= 2  # both landers wrote their share
     finally:
         feeder.join()
         stop(first)
