@@ -206,7 +206,7 @@ class StreamSettings(_Component):
         default_factory=lambda: {k: 1.0 for k in ("thumbs", "rating", "followup", "implemented", "task_success")}
     )
     land: bool = Field(default=True, description="run the lander process beside the worker (DuckDB and/or Parquet)")
-    land_duckdb: bool = Field(default=True, description="land in the DuckDB file (one owner at a time, others stand by)")
+    land_duckdb: bool = Field(default=True, description="land in the DuckDB file (one owner, others stand by)")
     parquet_url: str | None = Field(
         default=None,
         description="also land the event tables as hive-partitioned Parquet (by date, task type) under this "

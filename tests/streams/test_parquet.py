@@ -38,12 +38,16 @@ def scores(ids: list[str], task_types: list[str], rewards: list[float]) -> dict[
 
 
 def lake_settings(tmp_path: Path) -> Settings:
-    return Settings(overrides={"core": {"data_dir": tmp_path / "data"}, "stream": {"parquet_url": str(tmp_path / "lake")}})
+    return Settings(
+        overrides={"core": {"data_dir": tmp_path / "data"}, "stream": {"parquet_url": str(tmp_path / "lake")}}
+    )
 
 
 def test_files_are_hive_partitioned_by_date_and_task_type(tmp_path: Path) -> None:
     sink = ParquetSink(str(tmp_path / "lake"))
-    written = sink.write("taoflow.interactions", 3, 40, interactions(["a", "b", "c"], ["qa", "qa", "code/py"], [0, 2, 2]))
+    written = sink.write(
+        "taoflow.interactions", 3, 40, interactions(["a", "b", "c"], ["qa", "qa", "code/py"], [0, 2, 2])
+    )
     rel = sorted(str(Path(p).relative_to(tmp_path / "lake").parent) for p in written)
     assert rel == [
         "interactions/date=2026-03-01/task_type=qa",

@@ -243,7 +243,9 @@ def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
         # the Parquet lake: every interaction exactly once in the files themselves (the dead lander's uncommitted
         # files were removed by the one that took its partitions over), and the lake views agree with DuckDB
         cfg = settings_for(data, parquet_url=str(lake))
-        wait_for(data, "SELECT count(*) FROM lake.utility_history", lambda r: r.rows[0][0] == n, timeout=60, settings=cfg)
+        wait_for(
+            data, "SELECT count(*) FROM lake.utility_history", lambda r: r.rows[0][0] == n, timeout=60, settings=cfg
+        )
         raw = query(f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{lake}/interactions/**/*.parquet')",
                     cfg).rows[0]  # fmt: skip
         assert raw == [n, n]
