@@ -68,7 +68,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         raise WorkerError(f"no Kafka answers at {settings.bootstrap}; {hint}") from None
     ensure_topics(settings)
     settings.core.data_dir.mkdir(parents=True, exist_ok=True)
-    lander = LanderSupervisor(settings) if settings.stream.land else None
+    cfg = settings.stream
+    lander = LanderSupervisor(settings) if cfg.land and (cfg.land_duckdb or cfg.parquet_url) else None
     if lander:
         lander.start()
     app, ctx = build_app(settings)

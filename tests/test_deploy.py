@@ -59,7 +59,10 @@ def test_compose_services_agree_with_the_code(monkeypatch: pytest.MonkeyPatch) -
         check_env(env, name, monkeypatch)
         assert env["TAOFLOW_KAFKA_BOOTSTRAP"] == advertised, name
         assert any(v.startswith("taoflow-data:/data") for v in svc["volumes"]), f"{name} needs the data volume"
-    assert services["worker"]["environment"]["TAOFLOW_STREAM_LAND"] == "false"
+    worker = services["worker"]["environment"]
+    # workers land Parquet in parallel, never the DuckDB file (the lander service owns it)
+    assert worker.get("TAOFLOW_STREAM_LAND_DUCKDB") == "false" and worker.get("TAOFLOW_STREAM_LAND", "true") != "false"
+    assert worker["TAOFLOW_STREAM_PARQUET_URL"].startswith("/data/")
     assert services["worker"]["deploy"]["replicas"] >= 2
     gw = services["gateway"]["environment"]
     assert f"{gw['TAOFLOW_SERVE_PORT']}:{gw['TAOFLOW_SERVE_PORT']}" in services["gateway"]["ports"]
