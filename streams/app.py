@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,36 +65,6 @@ class WorkerContext:
         """Hand a reward to the utility agent, re-keyed by task_type/operator; (src, pos) makes it idempotent."""
         value = orjson.dumps({"r": reward, "src": src, "pos": pos, "iid": interaction_id, "ts": ts})
         out.add(REWARDS_INTERNAL, key.encode(), value)
-
-
-async def run_batches(
-    app: faust.App, ctx: WorkerContext, stream: Any, process: Callable[[WorkerContext, Outbox, list[Any]], None]
-) -> None:
-    """The loop every agent runs: take a batch, process it, send its outputs, and only then take the next.
-
-    Bad input never raises here (it is dead-lettered); anything that does raise (Kafka unreachable past
-    its timeouts, a bug) crashes the worker on purpose: in-memory tables may be ahead of their changelog,
-    and a restart recovers from the last committed state without losing or double-counting anything.
-    """
-    try:
-        async for events in stream.take_events(ctx.cfg.batch_size, within=ctx.cfg.batch_ms / 1000):
-            out = ctx.outbox()
-            process(ctx, out, events)
-            sending = asyncio.ensure_future(ctx.producer.send(out))
-            try:
-                await asyncio.shield(sending)
-            except asyncio.CancelledError:
-                # if the agent is cancelled (e.g. the worker stopping), take_events acks the batch in hand as
-                # it unwinds: finish delivering this batch's outputs first, or its offsets could be committed
-                # without them
-                await sending
-                raise
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        log.critical("stream agent failed; stopping the worker so a restart recovers cleanly", exc_info=True)
-        await app.crash(exc)
-        raise
 
 
 def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
@@ -165,8 +133,20 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
         ctx.partitions[t.changelog_topic.get_topic_name()] = parts  # faust creates changelogs with `parts`
 
     from streams import feedback, interactions, rewards
+    from streams.lane import Lane, patch_faust_drain
 
-    interactions.register(app, ctx)
-    feedback.register(app, ctx)
-    rewards.register(app, ctx)
+    patch_faust_drain()
+    lane = Lane(app, ctx, {
+        topics.interactions.get_topic_name(): interactions.process_batch,
+        topics.feedback.get_topic_name(): feedback.process_batch,
+        topics.rewards.get_topic_name(): rewards.process_batch,
+    })  # fmt: skip
+    for topic in (topics.interactions, topics.feedback, topics.rewards):
+        app.topics.add(topic)  # subscribed by faust's consumer; delivered through the lane
+    app._taoflow_lane = lane  # type: ignore[attr-defined]
+
+    @app.task
+    async def process() -> None:
+        await lane.run()
+
     return app, ctx

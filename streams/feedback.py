@@ -1,28 +1,19 @@
-"""Agent on `taoflow.feedback`: validate, join to the interaction by id, re-score with the feedback."""
+"""Batches of `taoflow.feedback`: validate, join to the interaction by id, re-score with the feedback."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import faust
-
 from schemas import FeedbackEvent
-from streams.app import WorkerContext, run_batches
+from streams.app import WorkerContext
 from streams.outbox import Outbox
 from streams.scoring import position, score
 
 
-def register(app: faust.App, ctx: WorkerContext) -> None:
-    @app.agent(ctx.topics.feedback, name="taoflow.agents.feedback")
-    async def feedback(stream: Any) -> None:
-        await run_batches(app, ctx, stream, process_batch)
-
-
-def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
+def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
     """Feedback for a known interaction re-scores it now; feedback that came first is parked until it arrives."""
     table, pending = ctx.interactions, ctx.pending_feedback
-    for ev in events:
-        msg = ev.message
+    for msg in messages:
         fb = ctx.parse(out, FeedbackEvent, msg)
         if fb is None:
             continue

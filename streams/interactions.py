@@ -1,33 +1,25 @@
-"""Agent on `taoflow.interactions`: validate, score with the rule scorers, start the feedback join."""
+"""Batches of `taoflow.interactions`: validate, score with the rule scorers, start the feedback join."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-import faust
-
 from schemas import InteractionEvent, prompt_text
-from streams.app import WorkerContext, run_batches
+from streams.app import WorkerContext
 from streams.outbox import Outbox
 from streams.scoring import new_state, position, replay_first_score, score
 
 log = logging.getLogger(__name__)
 
 
-def register(app: faust.App, ctx: WorkerContext) -> None:
-    @app.agent(ctx.topics.interactions, name="taoflow.agents.interactions")
-    async def interactions(stream: Any) -> None:
-        await run_batches(app, ctx, stream, process_batch)
-
-
-def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
+def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
     """Validate a batch, dead-letter the bad ones, score the rest in one call per scorer."""
     valid: list[tuple[InteractionEvent, Any]] = []
-    for ev in events:
-        parsed = ctx.parse(out, InteractionEvent, ev.message)
+    for msg in messages:
+        parsed = ctx.parse(out, InteractionEvent, msg)
         if parsed is not None:
-            valid.append((parsed, ev.message))
+            valid.append((parsed, msg))
     if not valid:
         return
     evs = [e for e, _ in valid]

@@ -1,26 +1,19 @@
-"""Agent on the internal rewards topic: ACT-R utility per task_type/operator, exactly once per reward."""
+"""Batches of the internal rewards topic: ACT-R utility per task_type/operator, exactly once per reward."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-import faust
 import orjson
 
 from learners.actr import update_utility
 from schemas import UtilityEvent
-from streams.app import WorkerContext, run_batches
+from streams.app import WorkerContext
 from streams.outbox import Outbox
 
 
-def register(app: faust.App, ctx: WorkerContext) -> None:
-    @app.agent(ctx.topics.rewards, name="taoflow.agents.utilities")
-    async def utilities(stream: Any) -> None:
-        await run_batches(app, ctx, stream, process_batch)
-
-
-def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
+def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
     """Fold each reward into its operator's utility and publish the new value.
 
     A redelivered reward (after a crash or rebalance upstream) carries a source position not above
@@ -30,9 +23,9 @@ def process_batch(ctx: WorkerContext, out: Outbox, events: list[Any]) -> None:
     table = ctx.utilities
     alpha, u0 = ctx.cfg.alpha, ctx.cfg.initial_utility
     touched: dict[str, dict[str, Any]] = {}
-    for ev in events:
-        key = ev.message.key.decode()
-        r = orjson.loads(ev.message.value)
+    for msg in messages:
+        key = msg.key.decode()
+        r = orjson.loads(msg.value)
         state = touched.get(key) or table.get(key) or {"u": u0, "n": 0, "last": None, "src": {}}
         if r["pos"] <= state["src"].get(r["src"], -1):
             ctx.count("duplicate_rewards")

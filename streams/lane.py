@@ -1,0 +1,188 @@
+"""The batch lane: the worker's input topics go from faust's fetcher to our batch processors whole.
+
+faust delivers each fetched record on its own: its fetch loop awaits a conductor callback per record (racing
+it against flow control with two new tasks), the conductor puts it on a channel queue, and the agent's stream
+takes it back off with its own per-event bookkeeping. py-spy showed that per-record path, not our code,
+costing most of the worker's time, and every hop adding latency. The lane keeps everything faust is good
+for (consumer-group membership, rebalancing, table changelog recovery, offset commits from acks) and replaces
+only the delivery of our input topics:
+
+1. faust's fetch loop (`Consumer._drain_messages`, replaced by `patch_faust_drain`) hands each fetch's records
+   of a lane topic to `Lane.put` as one list, keeping faust's read-offset and gap bookkeeping per record.
+2. `Lane.run` takes a list, drops records of a generation that a rebalance has ended, marks them in flight
+   (so a rebalance waits for them, as it waits for a stream's events), and runs the topic's batch
+   processor: validate, score, update tables, fill an Outbox.
+3. `Lane._deliver` sends each Outbox (outputs, then table changelog), and only then acks its records, so an
+   offset is committed only after everything it caused is in Kafka. It runs beside `run`, so the next batch
+   is processed while this one's acks are awaited; Outboxes are sent in order, one at a time, so changelog
+   records of a key never overtake each other.
+
+A rebalance clears the lane's queue (faust's flow control clears its own buffers the same way); the batches
+already processed are delivered and acked before faust commits and hands the partitions over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Processor = Callable[[Any, Any, list[Any]], None]  # (WorkerContext, Outbox, messages)
+
+
+class Lane:
+    """Queue of fetched record lists per topic, a processing loop and an in-order delivery loop."""
+
+    def __init__(self, app: Any, ctx: Any, processors: dict[str, Processor], depth: int = 4) -> None:
+        self.app = app
+        self.ctx = ctx
+        self.processors = processors
+        self.topics = frozenset(processors)
+        self.depth = depth
+        self._items: deque[tuple[str, list[Any]]] = deque()
+        self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._sending: asyncio.Queue[tuple[Any, list[Any]]] = asyncio.Queue(maxsize=2)
+        app.flow_control.manage_queue(self)  # cleared with faust's own buffers when partitions are revoked
+
+    # -- faust's fetch loop side -------------------------------------------------------------------------
+
+    async def put(self, topic: str, messages: list[Any]) -> None:
+        """Queue one fetch's records of a topic; waits while the lane is `depth` lists behind (back-pressure)."""
+        while len(self._items) >= self.depth:
+            self._space.clear()
+            await self._space.wait()
+        self._items.append((topic, messages))
+        self._ready.set()
+
+    def clear(self) -> None:
+        """Drop what is queued (called by faust's flow control on revocation); nothing of it is tracked yet."""
+        self._items.clear()
+        self._space.set()
+
+    # -- processing --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process queued batches until cancelled; a failure crashes the worker (see `streams.app.run_batches`)."""
+        deliver = asyncio.ensure_future(self._deliver())
+        consumer = self.app.consumer
+        add_unacked = consumer._unacked_messages.add
+        on_message_in = consumer._on_message_in
+        flow = self.app.flow_control
+        try:
+            while True:
+                if not self._items:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                topic, messages = self._items.popleft()
+                # merge what else waits for the same topic, up to a batch
+                while self._items and self._items[0][0] == topic and len(messages) < self.ctx.cfg.batch_size:
+                    messages = messages + self._items.popleft()[1]
+                self._space.set()
+                if deliver.done():
+                    deliver.result()  # re-raise a delivery failure
+                generation = self.app.consumer_generation_id
+                if not flow.is_active():
+                    continue  # a rebalance is under way: these come again from the committed offsets
+                live = [m for m in messages if m.generation_id == generation]
+                for m in live:
+                    m.tracked = True
+                    add_unacked(m)
+                    on_message_in(m.tp, m.offset, m)
+                out = self.ctx.outbox()
+                self.processors[topic](self.ctx, out, live)
+                await self._sending.put((out, live))
+        except asyncio.CancelledError:
+            # the worker is stopping: let what is processed go out (its records are acked only after it has)
+            await self._drain_sending(deliver)
+            raise
+        except Exception as exc:
+            log.critical("stream processing failed; stopping the worker so a restart recovers cleanly", exc_info=True)
+            deliver.cancel()
+            await self.app.crash(exc)
+            raise
+
+    async def _drain_sending(self, deliver: asyncio.Future[None]) -> None:
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._sending.join(), 30)
+        deliver.cancel()
+
+    async def _deliver(self) -> None:
+        ack = self.app.consumer.ack
+        producer = self.ctx.producer
+        while True:
+            out, messages = await self._sending.get()
+            try:
+                await producer.send(out)
+                for m in messages:
+                    ack(m)
+            finally:
+                self._sending.task_done()
+
+
+def patch_faust_drain() -> None:
+    """Replace faust's fetch loop with one that hands lane topics' records to the app's `Lane` per fetch.
+
+    Everything else (other topics, read offsets, gaps, flow control) behaves as faust's own loop does.
+    """
+    from faust.transport.consumer import Consumer
+
+    if getattr(Consumer, "_taoflow_drain", False):
+        return
+    original = Consumer._drain_messages
+
+    async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - runs in the worker
+        lane: Lane | None = getattr(self.app, "_taoflow_lane", None)
+        if lane is None:
+            await original(self, fetcher)
+            return
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        lane_topics = lane.topics
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                batches: dict[str, list[Any]] = {}
+                await self.sleep(0)
+                if self.should_stop:
+                    break
+                async for tp, message in getmany(timeout=1.0):
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is not None and offset < r_offset:
+                        continue  # already read (a re-delivery after a seek)
+                    gap = offset - (r_offset or 0)
+                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, r_offset + 1, offset)
+                    if message.topic in lane_topics:
+                        batches.setdefault(message.topic, []).append(message)
+                    else:
+                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                    set_read_offset(tp, offset)
+                for topic, messages in batches.items():
+                    await self.wait_first(lane.put(topic, messages), self.suspend_flow.wait())
+                if self._n_acked >= (self._commit_every or float("inf")):
+                    self._n_acked = 0
+                    await self.commit()
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+
+    Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
+    Consumer._taoflow_drain = True  # type: ignore[attr-defined]
