@@ -100,6 +100,16 @@ def patch_faust_fetch_wait(max_wait_ms: int) -> None:
     cls._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
 
 
+def seek_epoch(consumer: Any) -> int:
+    """How many times this faust consumer sought every partition back to its committed offset (each rebalance):
+    records fetched in an older epoch may be stale, and all of them are read again."""
+    return int(consumer.__dict__.get("_taoflow_seek_epoch", 0))
+
+
+def bump_seek_epoch(consumer: Any) -> None:
+    consumer.__dict__["_taoflow_seek_epoch"] = seek_epoch(consumer) + 1
+
+
 RESYNC_WAIT_S = 5.0  # how long a re-seek may take to bring the expected offset before it is tried again
 
 
@@ -138,6 +148,7 @@ def patch_faust_offset_jumps() -> None:
 
     async def perform_seek(self: Any) -> None:
         await original_perform_seek(self)
+        bump_seek_epoch(self)
         st = state(self)
         for tp, offset in self._read_offset.items():
             if offset is not None:

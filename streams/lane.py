@@ -30,6 +30,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from streams.compat import seek_epoch
+
 log = logging.getLogger(__name__)
 
 Processor = Callable[[Any, Any, list[Any]], None]  # (WorkerContext, Outbox, messages)
@@ -44,7 +46,7 @@ class Lane:
         self.processors = processors
         self.topics = frozenset(processors)
         self.depth = depth
-        self._items: deque[tuple[str, list[Any]]] = deque()
+        self._items: deque[tuple[str, list[Any], int]] = deque()
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
@@ -53,12 +55,13 @@ class Lane:
 
     # -- faust's fetch loop side -------------------------------------------------------------------------
 
-    async def put(self, topic: str, messages: list[Any]) -> None:
-        """Queue one fetch's records of a topic; waits while the lane is `depth` lists behind (back-pressure)."""
+    async def put(self, topic: str, messages: list[Any], epoch: int) -> None:
+        """Queue one fetch's records of a topic, fetched in seek `epoch`; waits while the lane is `depth` lists
+        behind (back-pressure)."""
         while len(self._items) >= self.depth:
             self._space.clear()
             await self._space.wait()
-        self._items.append((topic, messages))
+        self._items.append((topic, messages, epoch))
         self._ready.set()
 
     def clear(self) -> None:
@@ -71,6 +74,7 @@ class Lane:
     async def run(self) -> None:
         """Process queued batches until cancelled; a failure crashes the worker (see `streams.app.run_batches`)."""
         deliver = asyncio.ensure_future(self._deliver())
+        deliver.add_done_callback(self._delivery_ended)
         consumer = self.app.consumer
         add_unacked = consumer._unacked_messages.add
         on_message_in = consumer._on_message_in
@@ -81,16 +85,15 @@ class Lane:
                     self._ready.clear()
                     await self._ready.wait()
                     continue
-                topic, messages = self._items.popleft()
+                topic, messages, epoch = self._items.popleft()
                 # merge what else waits for the same topic, up to a batch
-                while self._items and self._items[0][0] == topic and len(messages) < self.ctx.cfg.batch_size:
+                while (self._items and self._items[0][0] == topic and self._items[0][2] == epoch
+                       and len(messages) < self.ctx.cfg.batch_size):  # fmt: skip
                     messages = messages + self._items.popleft()[1]
                 self._space.set()
-                if deliver.done():
-                    deliver.result()  # re-raise a delivery failure
                 generation = self.app.consumer_generation_id
-                if not flow.is_active():
-                    continue  # a rebalance is under way: these come again from the committed offsets
+                if not flow.is_active() or epoch != seek_epoch(consumer):
+                    continue  # fetched before a rebalance or a seek: these come again from where it sought
                 live = [m for m in messages if m.generation_id == generation]
                 for m in live:
                     m.tracked = True
@@ -108,6 +111,16 @@ class Lane:
             deliver.cancel()
             await self.app.crash(exc)
             raise
+
+    def _delivery_ended(self, task: asyncio.Future[None]) -> None:
+        """A delivery failure (Kafka unreachable past its timeouts) stops the worker at once: the records it
+        held are not acked, and a restart reads them again."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.critical("sending a batch's outputs failed; stopping the worker so a restart recovers cleanly",
+                     exc_info=exc)  # fmt: skip
+        self._crash = asyncio.ensure_future(self.app.crash(exc))
 
     async def _drain_sending(self, deliver: asyncio.Future[None]) -> None:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -154,12 +167,14 @@ def patch_faust_drain() -> None:
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 batches: dict[str, list[Any]] = {}
+                read: dict[Any, int] = {}  # lane records' read offsets, applied once the fetch proves current
                 await self.sleep(0)
                 if self.should_stop:
                     break
+                epoch = seek_epoch(self)
                 async for tp, message in getmany(timeout=1.0):
                     offset = message.offset
-                    r_offset = get_read_offset(tp)
+                    r_offset = read.get(tp, get_read_offset(tp))
                     if r_offset is not None and offset < r_offset:
                         continue  # already read (a re-delivery after a seek)
                     gap = offset - (r_offset or 0)
@@ -167,11 +182,18 @@ def patch_faust_drain() -> None:
                         await self._add_gap(tp, r_offset + 1, offset)
                     if message.topic in lane_topics:
                         batches.setdefault(message.topic, []).append(message)
+                        read[tp] = offset
                     else:
                         await self.wait_first(callback(message), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
+                if epoch != seek_epoch(self):
+                    # every partition was sought back to its committed offset (a rebalance) while this fetch was
+                    # in flight: its records may be from before that; they are all read again from there
+                    continue
+                for tp, offset in read.items():
                     set_read_offset(tp, offset)
                 for topic, messages in batches.items():
-                    await self.wait_first(lane.put(topic, messages), self.suspend_flow.wait())
+                    await self.wait_first(lane.put(topic, messages, epoch), self.suspend_flow.wait())
                 if self._n_acked >= (self._commit_every or float("inf")):
                     self._n_acked = 0
                     await self.commit()

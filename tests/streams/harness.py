@@ -26,7 +26,7 @@ def worker_env(bootstrap: str, data_dir: Path, app_id: str, **extra: str) -> dic
         TAOFLOW_DATA_DIR=str(data_dir),
         TAOFLOW_STREAM_APP_ID=app_id,
         TAOFLOW_STREAM_SCORERS=SCORERS,
-        TAOFLOW_LOG_LEVEL="WARNING",
+        TAOFLOW_LOG_LEVEL=os.environ.get("TAOFLOW_TEST_WORKER_LOG_LEVEL", "WARNING"),
         **extra,
     )
     return env
