@@ -1,8 +1,9 @@
 """Stream pipeline throughput and latency vs a raw aiokafka consumer that only parses JSON, same run.
 
 1. Baseline: N interactions pre-loaded in a topic; a raw aiokafka consumer reads and JSON-parses them all.
-2. Pipeline: a running `taoflow worker` (validate, score, ACT-R utility update, land in DuckDB); N interactions
-   produced as fast as possible; timed until every one is scored, its utility updated and its row landed.
+2. Pipeline: a running `taoflow worker` (validate, score, ACT-R utility update, land in DuckDB), frozen while the
+   same N interactions are pre-loaded, then timed from its resumption until every one is scored, its utility
+   updated and its row landed.
 3. Latency: interactions produced at a steady rate (default 2,000/s); produce -> utility update (observed on
    `taoflow.utilities`) and produce -> queryable row (`landed_at - ts` in DuckDB), p50/p99.
 
@@ -123,9 +124,17 @@ class UtilityWatcher(threading.Thread):
         import orjson
         from aiokafka import AIOKafkaConsumer
 
-        c = AIOKafkaConsumer("taoflow.utilities", bootstrap_servers=self.bootstrap, auto_offset_reset="latest",
-                             group_id=f"lat-{time.time()}")  # fmt: skip
+        from aiokafka import TopicPartition
+
+        # a short fetch wait: the watcher's own long-poll (aiokafka's default 500 ms) must not add to the latency;
+        # partitions assigned directly (no group join to wait for), so every update made while active is seen
+        c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, fetch_max_wait_ms=5)
         await c.start()
+        await c.topics()  # fetches the cluster metadata
+        parts = c.partitions_for_topic("taoflow.utilities")
+        assert parts, "taoflow.utilities has no partitions"
+        c.assign([TopicPartition("taoflow.utilities", p) for p in parts])
+        await c.seek_to_end()
         try:
             while not self.stop_flag:
                 batch = await c.getmany(timeout_ms=100)
@@ -179,8 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         produce(bs, "taoflow.interactions", 100, "warm")
         wait_rows(tmp, "SELECT count(*) FROM utility_history", 100, timeout=120)
         wait_rows(tmp, "SELECT count(*) FROM interactions", 100, timeout=120)
-        t0 = time.perf_counter()
+        # the same pre-loaded backlog the raw consumer read: the workers (and their landers) are frozen with
+        # SIGSTOP while the events are produced, and timed from SIGCONT until every one is scored, its utility
+        # updated and its row landed (producing takes a few seconds, well inside the group session timeout)
+        for w in workers:
+            os.killpg(w.pid, signal.SIGSTOP)
         produce(bs, "taoflow.interactions", args.events, "tput")
+        t0 = time.perf_counter()
+        for w in workers:
+            os.killpg(w.pid, signal.SIGCONT)
         t_util = wait_rows(tmp, "SELECT count(*) FROM utility_history", 100 + args.events)
         t_land = wait_rows(tmp, "SELECT count(*) FROM interactions", 100 + args.events)
         pipe_s = max(t_util, t_land) - t0

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streams.compat import seek_epoch
+from streams.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Lane:
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
-        self._sending: asyncio.Queue[tuple[Any, list[Any]]] = asyncio.Queue(maxsize=2)
+        self._sending: asyncio.Queue[tuple[Any, list[Any]]] = asyncio.Queue(maxsize=8)
         app.flow_control.manage_queue(self)  # cleared with faust's own buffers when partitions are revoked
 
     # -- faust's fetch loop side -------------------------------------------------------------------------
@@ -85,22 +86,28 @@ class Lane:
                     self._ready.clear()
                     await self._ready.wait()
                     continue
-                topic, messages, epoch = self._items.popleft()
-                # merge what else waits for the same topic, up to a batch
-                while (self._items and self._items[0][0] == topic and self._items[0][2] == epoch
-                       and len(messages) < self.ctx.cfg.batch_size):  # fmt: skip
-                    messages = messages + self._items.popleft()[1]
-                self._space.set()
+                # everything queued goes into one cycle: per topic in fetch order, one Outbox, one delivery
+                by_topic: dict[str, list[Any]] = {}
+                taken = 0
+                current = seek_epoch(consumer)
                 generation = self.app.consumer_generation_id
-                if not flow.is_active() or epoch != seek_epoch(consumer):
-                    continue  # fetched before a rebalance or a seek: these come again from where it sought
-                live = [m for m in messages if m.generation_id == generation]
+                active = flow.is_active()
+                while self._items and taken < 4 * self.ctx.cfg.batch_size:
+                    topic, messages, epoch = self._items.popleft()
+                    taken += len(messages)
+                    if active and epoch == current:  # else fetched before a rebalance: read again after it
+                        by_topic.setdefault(topic, []).extend(m for m in messages if m.generation_id == generation)
+                self._space.set()
+                live = [m for messages in by_topic.values() for m in messages]
+                if not live:
+                    continue
                 for m in live:
                     m.tracked = True
                     add_unacked(m)
                     on_message_in(m.tp, m.offset, m)
                 out = self.ctx.outbox()
-                self.processors[topic](self.ctx, out, live)
+                for topic, messages in by_topic.items():
+                    self.processors[topic](self.ctx, out, messages)
                 await self._sending.put((out, live))
         except asyncio.CancelledError:
             # the worker is stopping: let what is processed go out (its records are acked only after it has)
@@ -128,16 +135,23 @@ class Lane:
         deliver.cancel()
 
     async def _deliver(self) -> None:
+        """Send processed Outboxes in order; what queued up meanwhile goes out together (two round trips for
+        all of it: outputs, then changelogs), so delivery keeps up without reordering anything."""
         ack = self.app.consumer.ack
         producer = self.ctx.producer
         while True:
-            out, messages = await self._sending.get()
+            items = [await self._sending.get()]
+            while not self._sending.empty():
+                items.append(self._sending.get_nowait())
             try:
+                out = items[0][0] if len(items) == 1 else Outbox.merge([o for o, _ in items])
                 await producer.send(out)
-                for m in messages:
-                    ack(m)
+                for _, messages in items:
+                    for m in messages:
+                        ack(m)
             finally:
-                self._sending.task_done()
+                for _ in items:
+                    self._sending.task_done()
 
 
 def patch_faust_drain() -> None:

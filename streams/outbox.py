@@ -60,6 +60,17 @@ class Outbox:
         if key_partition is not None:
             key_partition[key] = part
 
+    @classmethod
+    def merge(cls, outboxes: list[Outbox]) -> Outbox:
+        """One Outbox with the messages of several, in their order (per topic, and per changelog topic)."""
+        merged = cls(outboxes[0].partitions)
+        for box in outboxes:
+            for topic, msgs in box.msgs.items():
+                merged.msgs[topic].extend(msgs)
+            for topic, msgs in box.table_msgs.items():
+                merged.table_msgs[topic].extend(msgs)
+        return merged
+
     def __len__(self) -> int:
         return sum(len(v) for v in self.msgs.values()) + sum(len(v) for v in self.table_msgs.values())
 
