@@ -122,9 +122,7 @@ class UtilityWatcher(threading.Thread):
 
     async def _run(self) -> None:
         import orjson
-        from aiokafka import AIOKafkaConsumer
-
-        from aiokafka import TopicPartition
+        from aiokafka import AIOKafkaConsumer, TopicPartition
 
         # a short fetch wait: the watcher's own long-poll (aiokafka's default 500 ms) must not add to the latency;
         # partitions assigned directly (no group join to wait for), so every update made while active is seen
