@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from schemas import FeedbackEvent
@@ -21,9 +22,11 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
         ts = fb.ts.timestamp()
         state = table.get(iid)
         if state is None:
-            parked = pending.get(iid) or {"items": [], "ids": []}
+            parked = pending.get(iid) or {"items": [], "ids": [], "w": time.time()}
             if fb.event_id not in parked["ids"]:
-                parked["items"].append([fb.kind, fb.value, ts])
+                # where it came from and its bytes: if its interaction never arrives, it is dead-lettered as it was
+                raw = msg.value.decode("utf-8", "replace") if isinstance(msg.value, bytes) else str(msg.value)
+                parked["items"].append([fb.kind, fb.value, ts, msg.partition, msg.offset, raw])
                 parked["ids"].append(fb.event_id)
                 out.put_table(pending, iid, parked)
             ctx.count("feedback_parked")

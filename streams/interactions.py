@@ -51,7 +51,7 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
         score(ctx, out, iid, state, state["ts"], src, position(msg.offset))
         parked = pending.get(iid)
         if parked:
-            for sub, (kind, value, ts) in enumerate(parked["items"], start=1):
+            for sub, (kind, value, ts, *_) in enumerate(parked["items"], start=1):
                 state["f"][kind] = value
                 score(ctx, out, iid, state, max(ts, state["ts"]), src, position(msg.offset, sub))
             out.put_table(pending, iid, None)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -81,10 +82,16 @@ class Lane:
         on_message_in = consumer._on_message_in
         flow = self.app.flow_control
         try:
+            next_expiry = time.monotonic() + self.ctx.cfg.expire_every_s
             while True:
+                if time.monotonic() >= next_expiry:
+                    next_expiry = time.monotonic() + self.ctx.cfg.expire_every_s
+                    if flow.is_active():
+                        await self._expire()
                 if not self._items:
                     self._ready.clear()
-                    await self._ready.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._ready.wait(), max(0.0, next_expiry - time.monotonic()))
                     continue
                 # everything queued goes into one cycle: per topic in fetch order, one Outbox, one delivery
                 by_topic: dict[str, list[Any]] = {}
@@ -118,6 +125,17 @@ class Lane:
             deliver.cancel()
             await self.app.crash(exc)
             raise
+
+    async def _expire(self) -> None:
+        """Remove join state past its TTL (see `streams.expiry`); delivered in order like any batch."""
+        from streams.expiry import expire
+
+        out = self.ctx.outbox()
+        assigned = {(tp.topic, tp.partition) for tp in self.app.consumer.assignment()}
+        counts = expire(self.ctx, out, assigned)
+        if len(out):
+            log.info("join state expired: %s", counts)
+            await self._sending.put((out, []))
 
     def _delivery_ended(self, task: asyncio.Future[None]) -> None:
         """A delivery failure (Kafka unreachable past its timeouts) stops the worker at once: the records it

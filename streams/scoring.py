@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,8 +15,10 @@ from streams.outbox import Outbox
 def new_state(
     task_type: str, operator: str, adapter: str | None, ts: float, parts: dict[str, float], src: str, offset: int
 ) -> dict[str, Any]:
-    """The join state kept per interaction id; `at` is the message that created it (its replay re-emits)."""
-    return {"t": task_type, "o": operator, "a": adapter, "ts": ts, "p": parts, "f": {}, "r": 0, "at": [src, offset]}
+    """The join state kept per interaction id; `at` is the message that created it (its replay re-emits), `w`
+    the wall-clock time it was created (join-state expiry counts from there, so backfilled history is kept)."""
+    return {"t": task_type, "o": operator, "a": adapter, "ts": ts, "p": parts, "f": {}, "r": 0, "at": [src, offset],
+            "w": time.time()}  # fmt: skip
 
 
 def replay_first_score(ctx: WorkerContext, out: Outbox, iid: str, state: dict[str, Any]) -> None:

@@ -205,6 +205,12 @@ class StreamSettings(_Component):
     feedback_weights: dict[str, float] = Field(
         default_factory=lambda: {k: 1.0 for k in ("thumbs", "rating", "followup", "implemented", "task_success")}
     )
+    join_ttl_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0,
+        description="how long an interaction waits for feedback (join state kept), and feedback for its interaction; "
+        "feedback for an unknown interaction goes to the dead letters after this",
+    )  # fmt: skip
+    expire_every_s: float = Field(default=60.0, gt=0, description="how often expired join state is removed")
     land: bool = Field(default=True, description="run the lander process beside the worker (DuckDB and/or Parquet)")
     land_duckdb: bool = Field(default=True, description="land in the DuckDB file (one owner, others stand by)")
     parquet_url: str | None = Field(
