@@ -83,6 +83,12 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
                                             "(interactions, feedback, scores, utility_updates, dead_letters, ...)",
                                             "kind", lambda: dict(ctx.counters)))  # fmt: skip
         serve_metrics(settings.stream.metrics_port, registry, "worker")
+    # the join tables hold a dict per interaction: with the default thresholds the collector walks them over and
+    # over, and its pauses showed up as tail latency; objects made at start-up are frozen out of its sight
+    import gc
+
+    gc.set_threshold(50_000, 50, 100)
+    gc.freeze()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
     started = time.monotonic()
     try:
