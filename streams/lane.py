@@ -220,7 +220,12 @@ def patch_faust_drain() -> None:
                         set_read_offset(tp, offset)
                 if epoch != seek_epoch(self):
                     # every partition was sought back to its committed offset (a rebalance) while this fetch was
-                    # in flight: its records may be from before that; they are all read again from there
+                    # in flight: its records may be from before that seek, or the first ones after it. Either way
+                    # they are read again from that committed offset (the consumer's position has moved past them)
+                    assigned = self.assignment()
+                    for tp in read:
+                        if tp in assigned:
+                            await self.seek(tp, get_read_offset(tp) or 0)
                     continue
                 for tp, offset in read.items():
                     set_read_offset(tp, offset)
