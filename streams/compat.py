@@ -148,6 +148,8 @@ def patch_faust_offset_jumps() -> None:
 
     async def perform_seek(self: Any) -> None:
         await original_perform_seek(self)
+        # where each partition now reads from (its committed offset), for the lane's continuity check
+        self.__dict__["_taoflow_seek_targets"] = {tp: o for tp, o in self._read_offset.items() if o is not None}
         bump_seek_epoch(self)
         st = state(self)
         for tp, offset in self._read_offset.items():

@@ -53,6 +53,10 @@ class Lane:
         self._space = asyncio.Event()
         self._space.set()
         self._sending: asyncio.Queue[tuple[Any, list[Any]]] = asyncio.Queue(maxsize=8)
+        self._epoch = -1
+        self._next: dict[Any, int] = {}  # partition -> next offset processing expects
+        self._holes: dict[tuple[Any, int], tuple[int, float]] = {}  # (partition, offset) -> (re-reads, last)
+        self._reseek: list[tuple[Any, int]] = []
         app.flow_control.manage_queue(self)  # cleared with faust's own buffers when partitions are revoked
 
     # -- faust's fetch loop side -------------------------------------------------------------------------
@@ -105,6 +109,15 @@ class Lane:
                     if active and epoch == current:  # else fetched before a rebalance: read again after it
                         by_topic.setdefault(topic, []).extend(m for m in messages if m.generation_id == generation)
                 self._space.set()
+                if current != self._epoch:  # a rebalance sought every partition to its committed offset
+                    self._epoch = current
+                    self._next = dict(consumer.__dict__.get("_taoflow_seek_targets", {}))
+                    self._holes.clear()
+                by_topic = {t: self._continuous(msgs) for t, msgs in by_topic.items()}
+                while self._reseek:
+                    tp, offset = self._reseek.pop()
+                    if tp in consumer.assignment():
+                        await consumer.seek(tp, offset)
                 live = [m for messages in by_topic.values() for m in messages]
                 if not live:
                     continue
@@ -125,6 +138,37 @@ class Lane:
             deliver.cancel()
             await self.app.crash(exc)
             raise
+
+    def _continuous(self, messages: list[Any]) -> list[Any]:
+        """The records that continue each partition exactly where processing left it.
+
+        The last line of defence against loss: whatever dropped records between the fetch and here (a race with a
+        rebalance, a seek), a record past the next expected offset means a hole. Its partition is sought back to
+        the hole (records past it wait), and a repeat before that is skipped. A hole that persists through three
+        re-reads is real (offsets deleted by retention): it is accepted with a warning.
+        """
+        out = []
+        for m in messages:
+            tp, off = m.tp, m.offset
+            expected = self._next.get(tp)
+            if expected is None or off == expected:
+                self._next[tp] = off + 1
+                out.append(m)
+            elif off < expected:
+                continue  # processed already in this epoch (read twice)
+            else:
+                tries, since = self._holes.get((tp, expected), (0, 0.0))
+                if tries >= 3:
+                    log.warning("%s: offsets %d..%d never arrived after %d re-reads; going on from %d",
+                                tp, expected, off - 1, tries, off)  # fmt: skip
+                    self._holes.pop((tp, expected), None)
+                    self._next[tp] = off + 1
+                    out.append(m)
+                elif time.monotonic() - since > 2.0:
+                    log.warning("%s: got offset %d where %d was next; re-reading from %d", tp, off, expected, expected)
+                    self._holes[(tp, expected)] = (tries + 1, time.monotonic())
+                    self._reseek.append((tp, expected))
+        return out
 
     async def _expire(self) -> None:
         """Remove join state past its TTL (see `streams.expiry`); delivered in order like any batch."""
