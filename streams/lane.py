@@ -9,16 +9,19 @@ only the delivery of our input topics:
 
 1. faust's fetch loop (`Consumer._drain_messages`, replaced by `patch_faust_drain`) hands each fetch's records
    of a lane topic to `Lane.put` as one list, keeping faust's read-offset and gap bookkeeping per record.
-2. `Lane.run` takes a list, drops records of a generation that a rebalance has ended, marks them in flight
-   (so a rebalance waits for them, as it waits for a stream's events), and runs the topic's batch
-   processor: validate, score, update tables, fill an Outbox.
-3. `Lane._deliver` sends each Outbox (outputs, then table changelog), and only then acks its records, so an
-   offset is committed only after everything it caused is in Kafka. It runs beside `run`, so the next batch
-   is processed while this one's acks are awaited; Outboxes are sent in order, one at a time, so changelog
-   records of a key never overtake each other.
+2. `Lane.run` takes everything queued, drops records fetched before a rebalance's seek (seek epoch) or of an
+   ended generation, keeps each partition continuous (a record past the next expected offset means a hole: the
+   partition is read again from there), marks the records in flight (so a rebalance waits for them, as it
+   waits for a stream's events), and runs each topic's batch processor into one Outbox: validate, score,
+   update tables.
+3. `Lane._deliver` sends the Outboxes in order (what queued up meanwhile goes out together: outputs, then
+   table changelogs), and only then acks their records, so an offset is committed only after everything it
+   caused is in Kafka. It runs beside `run`, so the next batch is processed while this one's acks are
+   awaited, and changelog records of a key never overtake each other.
 
 A rebalance clears the lane's queue (faust's flow control clears its own buffers the same way); the batches
-already processed are delivered and acked before faust commits and hands the partitions over.
+already processed are delivered and acked before faust commits and hands the partitions over. Join-state
+expiry (`streams.expiry`) runs in the same loop, between batches.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ class Lane:
     # -- processing --------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Process queued batches until cancelled; a failure crashes the worker (see `streams.app.run_batches`)."""
+        """Process queued batches until cancelled. Bad input never raises (it is dead-lettered); anything that does
+        (a bug) crashes the worker on purpose: a restart recovers from the last committed state."""
         deliver = asyncio.ensure_future(self._deliver())
         deliver.add_done_callback(self._delivery_ended)
         consumer = self.app.consumer
