@@ -39,6 +39,8 @@ from streams.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
+WATCH_S = 3.0  # how often partitions are checked for records that stopped coming (see `Lane._watch_stalls`)
+
 Processor = Callable[[Any, Any, list[Any]], None]  # (WorkerContext, Outbox, messages)
 
 
@@ -60,6 +62,7 @@ class Lane:
         self._next: dict[Any, int] = {}  # partition -> next offset processing expects
         self._holes: dict[tuple[Any, int], tuple[int, float]] = {}  # (partition, offset) -> (re-reads, last)
         self._reseek: list[tuple[Any, int]] = []
+        self._seen: dict[Any, int] = {}  # partition -> next expected offset at the last stall check
         app.flow_control.manage_queue(self)  # cleared with faust's own buffers when partitions are revoked
 
     # -- faust's fetch loop side -------------------------------------------------------------------------
@@ -91,15 +94,21 @@ class Lane:
         flow = self.app.flow_control
         try:
             next_expiry = time.monotonic() + self.ctx.cfg.expire_every_s
+            next_watch = time.monotonic() + WATCH_S
             while True:
                 if time.monotonic() >= next_expiry:
                     next_expiry = time.monotonic() + self.ctx.cfg.expire_every_s
                     if flow.is_active():
                         await self._expire()
+                if time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + WATCH_S
+                    if flow.is_active() and seek_epoch(consumer) == self._epoch:
+                        await self._watch_stalls()
                 if not self._items:
                     self._ready.clear()
+                    wake = min(next_expiry, next_watch) - time.monotonic()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._ready.wait(), max(0.0, next_expiry - time.monotonic()))
+                        await asyncio.wait_for(self._ready.wait(), max(0.0, wake))
                     continue
                 # everything queued goes into one cycle: per topic in fetch order, one Outbox, one delivery
                 by_topic: dict[str, list[Any]] = {}
@@ -173,6 +182,23 @@ class Lane:
                     self._holes[(tp, expected)] = (tries + 1, time.monotonic())
                     self._reseek.append((tp, expected))
         return out
+
+    async def _watch_stalls(self) -> None:
+        """A partition with records beyond the next expected offset (by the broker's high watermark), and no
+        progress since the last look, is read again from that offset: records lost between fetch and here at
+        the end of a stream leave no later record to reveal the hole. Re-reading is harmless (repeats are
+        skipped), so this errs on the side of reading again."""
+        consumer = self.app.consumer
+        assigned = consumer.assignment()
+        for tp, expected in list(self._next.items()):
+            if tp.topic not in self.topics or tp not in assigned:
+                continue
+            high = consumer.highwater(tp)
+            if high is not None and expected < high and self._seen.get(tp) == expected:
+                log.warning("%s: no progress at offset %d with records up to %d; re-reading from %d",
+                            tp, expected, high - 1, expected)  # fmt: skip
+                await consumer.seek(tp, expected)
+            self._seen[tp] = expected
 
     async def _expire(self) -> None:
         """Remove join state past its TTL (see `streams.expiry`); delivered in order like any batch."""
