@@ -325,5 +325,22 @@ def patch_faust_drain() -> None:
                 return
             raise
 
+    original_new_offset = Consumer._new_offset
+
+    def _new_offset(self: Any, tp: Any) -> int | None:
+        """faust commits the first run of consecutive acked offsets, checking the head only loosely (a one-offset
+        hole passes, and with no committed offset known, any hole does). For the lane's inputs, never commit
+        while the record at the commit point (or the seek target) is not acked yet."""
+        lane: Lane | None = getattr(self.app, "_taoflow_lane", None)
+        acked = self._acked[tp]
+        if lane is not None and acked and tp.topic in lane.topics:
+            start = self._committed_offset.get(tp)
+            if start is None:
+                start = self.__dict__.get("_taoflow_seek_targets", {}).get(tp)
+            if start is not None and min(acked) > start:
+                return None
+        return original_new_offset(self, tp)  # type: ignore[no-any-return]
+
+    Consumer._new_offset = _new_offset  # type: ignore[method-assign]
     Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
     Consumer._taoflow_drain = True  # type: ignore[attr-defined]
