@@ -82,6 +82,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
                                                 ts=START + timedelta(minutes=minutes)))  # fmt: skip
         wait_for(data, "SELECT count(*) FROM final_scores", lambda r: r.rows[0][0] == N)
         wait_for(data, "SELECT count(*) FROM scores", lambda r: r.rows[0][0] == N + len(planted["feedback"]))
+        # every score is one reward, and every reward one utility update (a hop later than the score)
+        wait_for(data, "SELECT count(*) FROM utility_history",
+                 lambda r: r.rows[0][0] == N + len(planted["feedback"]))  # fmt: skip
         wait_for(data, "SELECT count(*) FROM dead_letters", lambda r: r.rows[0][0] == planted["bad"])
         wait_for(data, "SELECT count(*) FROM round_history", lambda r: r.rows[0][0] == 2)
         wait_for(data, "SELECT count(*) FROM adapters", lambda r: r.rows[0][0] == 2)
