@@ -186,7 +186,6 @@ class StreamSettings(_Component):
 
     app_id: str = "taoflow-worker"
     batch_size: int = Field(default=2000, ge=1)
-    batch_ms: int = Field(default=10, ge=1, description="longest a batch waits to fill (latency vs per-batch cost)")
     land_batch_size: int = Field(default=10_000, ge=1)
     land_batch_ms: int = Field(default=200, ge=1)
     web_port: int = Field(default=0, ge=0, description="faust web server port; 0 disables it")
