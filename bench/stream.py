@@ -147,6 +147,33 @@ class UtilityWatcher(threading.Thread):
             await c.stop()
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process and of each of its descendants, by command name."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    pending = [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        name = "lander" if "streams.lander" in cmd else "broker" if "tansu" in cmd else "worker"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        pending.extend(int(c) for c in children)
+    return out
+
+
+def cpu_of(pids: list[int]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for pid in pids:
+        for k, v in cpu_seconds(pid).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -192,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         for w in workers:
             os.killpg(w.pid, signal.SIGSTOP)
         produce(bs, "taoflow.interactions", args.events, "tput")
+        pids = [w.pid for w in workers] + ([broker.proc.pid] if broker.proc else [])
+        cpu0 = cpu_of(pids)
         t0 = time.perf_counter()
         for w in workers:
             os.killpg(w.pid, signal.SIGCONT)
@@ -200,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe_s = max(t_util, t_land) - t0
         result["pipeline_events_per_s"] = round(args.events / pipe_s)
         result["pipeline_over_raw"] = round(raw_s / pipe_s, 3)
+        cpu1 = cpu_of(pids)  # CPU per interaction of each part while the backlog was processed
+        result["cpu_us_per_event"] = {k: round((cpu1[k] - cpu0.get(k, 0.0)) / args.events * 1e6, 1) for k in cpu1}
 
         # 3. latency at a steady rate
         watcher = UtilityWatcher(bs)

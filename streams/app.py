@@ -10,13 +10,16 @@ import faust
 import orjson
 
 from learners.rewards import CompositeScorer, build_scorer
-from schemas import DeadLetter, EventValidationError, Limits, parse_event
+from schemas import DeadLetter, EventValidationError, FeedbackEvent, InteractionEvent, Limits, parse_event
 from schemas.base import E
+from schemas.fast import parse_feedback, parse_interaction
 from streams.outbox import BatchProducer, Outbox
 from streams.topics import REWARDS_INTERNAL, Topics, declare
 from taoflow.settings import Settings, StreamSettings
 
 log = logging.getLogger(__name__)
+
+FAST: dict[type, Any] = {InteractionEvent: parse_interaction, FeedbackEvent: parse_feedback}
 
 
 @dataclass
@@ -48,10 +51,14 @@ class WorkerContext:
         out.add(self.topics.dead_letters.get_topic_name(), None, dl.to_json_bytes())
         self.count("dead_letters")
 
-    def parse(self, out: Outbox, model: type[E], message: Any) -> E | None:
-        """The validated event, or None after the message went to the dead letters with the reason."""
+    def parse(self, out: Outbox, model: type[E], message: Any) -> Any:
+        """The validated event, or None after the message went to the dead letters with the reason.
+
+        Interactions and feedback take the fast path (`schemas.fast`: a record with the model's attributes)
+        when they are plainly valid, and pydantic otherwise."""
         try:
-            return parse_event(model, message.value, self.limits)
+            fast = FAST.get(model)
+            return fast(message.value, self.limits) if fast else parse_event(model, message.value, self.limits)
         except EventValidationError as exc:
             self.dead_letter(out, message, str(exc))
         except Exception as exc:

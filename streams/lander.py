@@ -10,6 +10,7 @@ and opens the file read-only itself when no lander runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,9 +23,10 @@ from typing import Any
 
 import orjson
 
-from schemas import AdapterEvent, DeadLetter, FeedbackEvent, InteractionEvent, ScoreEvent, UtilityEvent, parse_event
+from schemas import AdapterEvent, DeadLetter, InteractionEvent, ScoreEvent, UtilityEvent
 from schemas import topics as names
 from schemas.exceptions import EventValidationError
+from schemas.fast import FastInteraction, fast_score, fast_utility, parse_feedback, parse_interaction
 from streams import store
 from streams.sqlapi import LakeViews, run_query
 from taoflow.settings import Settings
@@ -34,7 +36,9 @@ log = logging.getLogger(__name__)
 OWNER_FILE = "lander.json"
 
 
-def _interaction_row(rows: dict[str, list[Any]], ev: InteractionEvent, partition: int, offset: int) -> None:
+def _interaction_row(
+    rows: dict[str, list[Any]], ev: FastInteraction | InteractionEvent, partition: int, offset: int
+) -> None:
     if isinstance(ev.prompt, str):
         prompt, chat = ev.prompt, False
     else:
@@ -59,39 +63,27 @@ def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
     for rec in records:
         try:
             if rec.topic == names.INTERACTIONS:
-                _interaction_row(out["interactions"], parse_event(InteractionEvent, rec.value, limits), rec.partition,
-                                 rec.offset)  # fmt: skip
+                _interaction_row(out["interactions"], parse_interaction(rec.value, limits), rec.partition, rec.offset)
             elif rec.topic == names.FEEDBACK:
-                f = parse_event(FeedbackEvent, rec.value, limits)
+                f = parse_feedback(rec.value, limits)
                 _append(
                     out["feedback"],
                     "feedback",
                     (f.event_id, f.interaction_id, f.ts, f.kind, f.value, orjson.dumps(f.metadata).decode()),
                 )
             elif rec.topic == names.SCORES:
-                s = ScoreEvent.model_validate_json(rec.value)
+                s = fast_score(rec.value, limits) or dict(ScoreEvent.model_validate_json(rec.value))
                 _append(
                     out["scores"],
                     "scores",
-                    (
-                        s.interaction_id,
-                        s.revision,
-                        s.ts,
-                        s.task_type,
-                        s.operator,
-                        s.adapter,
-                        s.reward,
-                        orjson.dumps(s.parts).decode(),
-                    ),
-                )
+                    (s["interaction_id"], s["revision"], s["ts"], s["task_type"], s["operator"], s["adapter"],
+                     s["reward"], orjson.dumps(s["parts"]).decode()),
+                )  # fmt: skip
             elif rec.topic == names.UTILITIES:
-                u = UtilityEvent.model_validate_json(rec.value)
-                _append(
-                    out["utility_history"],
-                    "utility_history",
-                    (u.task_type, u.operator, u.n, u.utility, u.last_reward, u.ts),
-                )
-                _append(out["utilities"], "utilities", (u.task_type, u.operator, u.utility, u.n, u.last_reward, u.ts))
+                u = fast_utility(rec.value, limits) or dict(UtilityEvent.model_validate_json(rec.value))
+                tt, op, n, util, last = u["task_type"], u["operator"], u["n"], u["utility"], u["last_reward"]
+                _append(out["utility_history"], "utility_history", (tt, op, n, util, last, u["ts"]))
+                _append(out["utilities"], "utilities", (tt, op, util, n, last, u["ts"]))
             elif rec.topic == names.DEAD_LETTERS:
                 d = DeadLetter.model_validate_json(rec.value)
                 _append(
@@ -204,24 +196,44 @@ class Lander:
         await consumer.start()
         limits = self.settings.limits.limits()
         loop = asyncio.get_running_loop()
+        # two stages overlap: while DuckDB lands one batch (in a pool thread, mostly outside the GIL), the next
+        # is fetched and turned into rows here; offsets are committed in batch order, each after its transaction
+        landing: tuple[asyncio.Future[None], dict[Any, Any], float] | None = None
+
+        async def finish() -> None:
+            nonlocal landing
+            if landing is None:
+                return
+            done, batch, t0 = landing
+            landing = None
+            await done
+            await consumer.commit({TopicPartition(tp.topic, tp.partition): recs[-1].offset + 1
+                                   for tp, recs in batch.items()})  # fmt: skip
+            self.last_land_s = time.perf_counter() - t0
+            self.land_seconds.append(self.last_land_s)
+            for tp, recs in batch.items():
+                high = consumer.highwater(tp)
+                if high is not None:
+                    self.lag[f"{tp.topic}/{tp.partition}"] = max(0, high - (recs[-1].offset + 1))
+
         try:
             while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=self.cfg.land_batch_ms, max_records=self.cfg.land_batch_size)
+                wait_ms = 0 if landing is not None else self.cfg.land_batch_ms
+                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.cfg.land_batch_size)
                 records = [r for recs in batch.values() for r in recs]
                 if not records:
+                    if landing is not None:
+                        await finish()
                     continue
                 t0 = time.perf_counter()
                 rows = to_rows(records, limits)
-                await loop.run_in_executor(self.pool, self._land, rows)
-                await consumer.commit({TopicPartition(tp.topic, tp.partition): recs[-1].offset + 1
-                                       for tp, recs in batch.items()})  # fmt: skip
-                self.last_land_s = time.perf_counter() - t0
-                self.land_seconds.append(self.last_land_s)
-                for tp, recs in batch.items():
-                    high = consumer.highwater(tp)
-                    if high is not None:
-                        self.lag[f"{tp.topic}/{tp.partition}"] = max(0, high - (recs[-1].offset + 1))
+                await finish()
+                landing = (loop.run_in_executor(self.pool, self._land, rows), batch, t0)
+            await finish()
         finally:
+            if landing is not None:
+                with contextlib.suppress(Exception):
+                    await landing[0]  # never leave a transaction running under a closing connection
             await consumer.stop()
 
     def _land(self, rows: dict[str, dict[str, list[Any]]]) -> None:

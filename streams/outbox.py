@@ -10,6 +10,7 @@ only after everything it caused is in Kafka (at-least-once; every consumer downs
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections import defaultdict
 from typing import Any
@@ -17,9 +18,16 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _hash(key: bytes) -> int:
+    # aiokafka's murmur2 is pure Python (~2 us); an interaction id is hashed for its score and for its join
+    # state's changelog, and the utility keys are few, so recent keys are worth remembering
+    return murmur2(key) & 0x7FFFFFFF
+
+
 def partition_for(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner (murmur2), as the Java client, kafka-python and aiokafka all use it."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return _hash(key) % partitions
 
 
 class Outbox:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from learners.actr import update_utility
-from schemas import UtilityEvent
+from schemas.fast import utility_json
 from streams.app import WorkerContext
 from streams.outbox import Outbox
 
@@ -35,15 +34,8 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
         state["last"] = r["r"]
         state["src"][r["src"]] = r["pos"]
         task_type, _, operator = key.partition("/")
-        event = UtilityEvent(
-            task_type=task_type,
-            operator=operator,
-            utility=state["u"],
-            n=state["n"],
-            last_reward=r["r"],
-            ts=datetime.fromtimestamp(r["ts"], UTC),
-        )
-        out.add(ctx.topics.utilities.get_topic_name(), key.encode(), event.to_json_bytes())
+        value = utility_json(task_type, operator, state["u"], state["n"], r["r"], r["ts"])
+        out.add(ctx.topics.utilities.get_topic_name(), key.encode(), value)
         touched[key] = state
         ctx.count("utility_updates")
     for key, state in touched.items():

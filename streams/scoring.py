@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from learners.actr import discounted_reward
-from schemas import ScoreEvent
+from schemas.fast import score_json
 from streams.app import WorkerContext
 from streams.outbox import Outbox
 
@@ -34,17 +33,10 @@ def score(ctx: WorkerContext, out: Outbox, iid: str, state: dict[str, Any], at: 
     item = ctx.scorer.compose(state["p"], state["f"])
     if item.reward is None:
         return False
-    event = ScoreEvent(
-        interaction_id=iid,
-        ts=datetime.fromtimestamp(at, UTC),
-        task_type=state["t"],
-        operator=state["o"],
-        adapter=state["a"],
-        reward=item.reward,
-        parts=item.parts,
-        revision=state["r"],
-    )
-    out.add(ctx.topics.scores.get_topic_name(), iid.encode(), event.to_json_bytes())
+    if not 0.0 <= item.reward <= 1.0:  # NaN too; the composite clamps, so this is a bug, not bad input
+        raise ValueError(f"reward {item.reward!r} for {iid} is not in [0, 1]")
+    value = score_json(iid, at, state["t"], state["o"], state["a"], item.reward, item.parts, state["r"])
+    out.add(ctx.topics.scores.get_topic_name(), iid.encode(), value)
     state["r"] += 1
     reward = discounted_reward(item.reward, at - state["ts"], ctx.cfg.discount)
     ctx.send_reward(out, f"{state['t']}/{state['o']}", reward, src, pos, iid, at)
