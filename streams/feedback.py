@@ -7,13 +7,13 @@ from typing import Any
 
 from schemas import FeedbackEvent
 from streams.app import WorkerContext
-from streams.outbox import Outbox
+from streams.outbox import Outbox, table_rows
 from streams.scoring import position, score
 
 
 def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
     """Feedback for a known interaction re-scores it now; feedback that came first is parked until it arrives."""
-    table, pending = ctx.interactions, ctx.pending_feedback
+    table, pending = table_rows(ctx.interactions), table_rows(ctx.pending_feedback)
     for msg in messages:
         fb = ctx.parse(out, FeedbackEvent, msg)
         if fb is None:
@@ -28,7 +28,7 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
                 raw = msg.value.decode("utf-8", "replace") if isinstance(msg.value, bytes) else str(msg.value)
                 parked["items"].append([fb.kind, fb.value, ts, msg.partition, msg.offset, raw])
                 parked["ids"].append(fb.event_id)
-                out.put_table(pending, iid, parked)
+                out.put_table(ctx.pending_feedback, iid, parked)
             ctx.count("feedback_parked")
             continue
         seen = state.setdefault("fid", [])
@@ -38,5 +38,5 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
         seen.append(fb.event_id)
         state["f"][fb.kind] = fb.value
         score(ctx, out, iid, state, ts, f"f:{msg.partition}", position(msg.offset))
-        out.put_table(table, iid, state)
+        out.put_table(ctx.interactions, iid, state)
         ctx.count("feedback")

@@ -7,7 +7,7 @@ from typing import Any
 
 from schemas import InteractionEvent, prompt_text
 from streams.app import WorkerContext
-from streams.outbox import Outbox
+from streams.outbox import Outbox, table_rows
 from streams.scoring import new_state, position, replay_first_score, score
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
     except Exception:
         log.exception("a scorer failed on a batch of %d; those interactions get feedback-only rewards", len(evs))
         parts = [{} for _ in evs]
-    table, pending = ctx.interactions, ctx.pending_feedback
+    table, pending = table_rows(ctx.interactions), table_rows(ctx.pending_feedback)
     for (ev, msg), p in zip(valid, parts, strict=True):
         iid = ev.event_id
         src = f"i:{msg.partition}"
@@ -54,6 +54,6 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
             for sub, (kind, value, ts, *_) in enumerate(parked["items"], start=1):
                 state["f"][kind] = value
                 score(ctx, out, iid, state, max(ts, state["ts"]), src, position(msg.offset, sub))
-            out.put_table(pending, iid, None)
-        out.put_table(table, iid, state)
+            out.put_table(ctx.pending_feedback, iid, None)
+        out.put_table(ctx.interactions, iid, state)
         ctx.count("interactions")

@@ -15,6 +15,7 @@ import itertools
 from collections import defaultdict
 from typing import Any
 
+import orjson
 from aiokafka.partitioner import murmur2
 
 
@@ -28,6 +29,27 @@ def _hash(key: bytes) -> int:
 def partition_for(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner (murmur2), as the Java client, kafka-python and aiokafka all use it."""
     return _hash(key) % partitions
+
+
+def table_rows(table: Any) -> Any:
+    """The dict behind a faust table's in-memory store (reads skip faust's per-key hooks, which these tables
+    do not use: no defaults, no windows), or the table itself for another kind of store."""
+    return _table_parts(table)[1]
+
+
+def _table_parts(table: Any) -> tuple[str, Any, Any]:
+    store = table.data
+    cached = _TABLES.get(id(table))
+    if cached is None or cached[0] is not store:
+        rows = getattr(store, "data", None)
+        if not isinstance(rows, dict):
+            rows = store
+        cached = _TABLES[id(table)] = (store, table.changelog_topic.get_topic_name(), rows,
+                                       getattr(store, "_key_partition", None))  # fmt: skip
+    return cached[1], cached[2], cached[3]
+
+
+_TABLES: dict[int, tuple[Any, str, Any, Any]] = {}
 
 
 class Outbox:
@@ -53,18 +75,14 @@ class Outbox:
         the partition of the key's *input* topic (murmur2 of the raw key), so a worker that owns input
         partition p recovers exactly the state of p's keys. The in-memory store is updated directly.
         """
-        import orjson
-
-        topic = table.changelog_topic.get_topic_name()
+        topic, rows, key_partition = _table_parts(table)
         part = partition_for(key.encode(), self.partitions[topic])
-        store = table.data
         if value is None:
-            store.pop(key, None)
+            rows.pop(key, None)
             self.table_msgs[topic].append((orjson.dumps(key), None, part))
         else:
-            store[key] = value
+            rows[key] = value
             self.table_msgs[topic].append((orjson.dumps(key), orjson.dumps(value), part))
-        key_partition = getattr(store, "_key_partition", None)
         if key_partition is not None:
             key_partition[key] = part
 

@@ -9,7 +9,7 @@ import orjson
 from learners.actr import update_utility
 from schemas.fast import utility_json
 from streams.app import WorkerContext
-from streams.outbox import Outbox
+from streams.outbox import Outbox, table_rows
 
 
 def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
@@ -19,7 +19,7 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
     the highest already folded in for that source partition, so it is skipped: each reward counts once.
     The table value holds those positions, so the check and the update are one changelog write.
     """
-    table = ctx.utilities
+    table = table_rows(ctx.utilities)
     alpha, u0 = ctx.cfg.alpha, ctx.cfg.initial_utility
     touched: dict[str, dict[str, Any]] = {}
     for msg in messages:
@@ -39,4 +39,4 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
         touched[key] = state
         ctx.count("utility_updates")
     for key, state in touched.items():
-        out.put_table(table, key, state)  # one changelog record per key per batch
+        out.put_table(ctx.utilities, key, state)  # one changelog record per key per batch
