@@ -88,6 +88,95 @@ async def raw_consume(bootstrap: str, topic: str, n: int) -> float:
         await c.stop()
 
 
+def land_floor(tmp: Path, n: int, keyed: bool) -> float:
+    """Seconds to land, through Arrow in 5,000-event batches, only the three rows every interaction needs
+    (`interactions`, `scores`, `utility_history`), with values already built: DuckDB's part of the pipeline
+    and nothing else. `keyed`: the real tables (primary keys, what makes landing idempotent); else the same
+    columns without keys or constraints, DuckDB's fastest append."""
+    import duckdb
+    import pyarrow as pa
+
+    from streams import store
+
+    path = tmp / f"floor-{keyed}.duckdb"
+    con = store.connect(path)
+    if not keyed:
+        for t in ("interactions", "scores", "utility_history"):
+            con.execute(f"CREATE TABLE {t}_nokey AS SELECT * FROM {t} LIMIT 0")
+    now = datetime.now(UTC)
+    step = 5000
+    t0 = time.perf_counter()
+    for start in range(0, n, step):
+        k = range(start, min(n, start + step))
+        m = len(k)
+        ids = [f"floor-{i}" for i in k]
+        ops = [f"op{i % 4}" for i in k]
+        batches = {
+            "interactions": pa.table({
+                "event_id": ids, "ts": [now] * m, "agent_id": ["bench"] * m, "task_type": ["math"] * m,
+                "operator": ops, "prompt": [f"what is {i} + 1?" for i in k], "prompt_is_chat": [False] * m,
+                "prompt_hash": [f"{i:064x}" for i in k], "response": [str(i + 1) for i in k], "adapter": [None] * m,
+                "latency_ms": [5.0] * m, "metadata": [f'{{"i":{i}}}' for i in k], "kafka_partition": [0] * m,
+                "kafka_offset": list(k),
+            }),
+            "scores": pa.table({
+                "interaction_id": ids, "revision": [0] * m, "ts": [now] * m, "task_type": ["math"] * m,
+                "operator": ops, "adapter": [None] * m, "reward": [1.0] * m, "parts": ['{"digits":1.0}'] * m,
+            }),
+            "utility_history": pa.table({
+                "task_type": ["math"] * m, "operator": ops, "n": list(k), "utility": [0.5] * m,
+                "last_reward": [1.0] * m, "ts": [now] * m,
+            }),
+        }  # fmt: skip
+        con.execute("BEGIN TRANSACTION")
+        for table, batch in batches.items():
+            con.register("batch", batch)
+            cols = ", ".join(batch.column_names)
+            if keyed:
+                con.execute(f"INSERT OR IGNORE INTO {table} ({cols}) SELECT {cols} FROM batch")
+            else:
+                con.execute(f"INSERT INTO {table}_nokey ({cols}) SELECT {cols} FROM batch")
+            con.unregister("batch")
+        con.execute("COMMIT")
+    elapsed = time.perf_counter() - t0
+    con.close()
+    del duckdb
+    return elapsed
+
+
+async def produce_floor(bootstrap: str, n: int) -> float:
+    """Seconds for aiokafka to send, as record batches with `acks=all`, only the two records every interaction
+    must publish (its score and its utility update), values already encoded: the broker's part and the
+    producer's, and nothing else."""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.fast import score_json, utility_json
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, max_batch_size=1024 * 1024)
+    await p.start()
+    score = score_json("floor-123456", time.time(), "math", "op1", None, 1.0, {"digits": 1.0}, 0)
+    util = utility_json("math", "op1", 0.5, 123456, 1.0, time.time())
+    t0 = time.perf_counter()
+    try:
+        step = 5000
+        for start in range(0, n, step):
+            futures = []
+            for topic, value in (("floor.scores", score), ("floor.utilities", util)):
+                batch = p.create_batch()
+                for i in range(start, min(n, start + step)):
+                    if batch.append(key=b"%d" % i, value=value, timestamp=None) is None:
+                        batch.close()
+                        futures.append(await p.send_batch(batch, topic, partition=0))
+                        batch = p.create_batch()
+                        batch.append(key=b"%d" % i, value=value, timestamp=None)
+                batch.close()
+                futures.append(await p.send_batch(batch, topic, partition=0))
+            await asyncio.gather(*futures)
+        return time.perf_counter() - t0
+    finally:
+        await p.stop()
+
+
 def sql(data_dir: Path, q: str) -> list[list[Any]]:
     from streams.sqlapi import query
     from taoflow.settings import Settings
@@ -201,6 +290,32 @@ def main(argv: list[str] | None = None) -> int:
         produce(bs, "bench.raw", args.events, "raw")
         raw_s = asyncio.run(raw_consume(bs, "bench.raw", args.events))
         result["raw_consumer_events_per_s"] = round(args.events / raw_s)
+
+        # what a pipeline cannot avoid, each part alone with nothing else running: reading and parsing the events
+        # (the baseline itself), landing the 3 rows and producing the 2 records each interaction needs. Their CPU
+        # per event (this process's, all threads, plus the broker's), summed and spread perfectly over every core,
+        # bounds the rate of any pipeline doing that work on this machine, before any validation or scoring
+        broker_pid = broker.proc.pid if broker.proc else os.getpid()
+
+        def cpu_us(run: Any) -> float:
+            c0 = time.process_time() + cpu_of([broker_pid]).get("broker", 0.0)
+            run()
+            return (time.process_time() + cpu_of([broker_pid]).get("broker", 0.0) - c0) / args.events * 1e6
+
+        floor_us = {
+            "read + parse (raw)": cpu_us(lambda: asyncio.run(raw_consume(bs, "bench.raw", args.events))),
+            "land 3 rows (keyed)": cpu_us(lambda: land_floor(tmp, args.events, keyed=True)),
+            "land 3 rows (no keys)": cpu_us(lambda: land_floor(tmp, args.events, keyed=False)),
+            "produce 2 records": cpu_us(lambda: asyncio.run(produce_floor(bs, args.events))),
+        }
+        result["floor_cpu_us_per_event"] = {k: round(v, 2) for k, v in floor_us.items()}
+        cores = os.cpu_count() or 1
+        for keyed in (True, False):
+            land = floor_us["land 3 rows (keyed)" if keyed else "land 3 rows (no keys)"]
+            need = floor_us["read + parse (raw)"] + land + floor_us["produce 2 records"]
+            name = "keyed" if keyed else "no_keys"
+            result[f"bound_events_per_s_{name}"] = round(cores / need * 1e6)
+            result[f"bound_over_raw_{name}"] = round(cores / need * 1e6 / result["raw_consumer_events_per_s"], 3)
 
         # 2. pipeline throughput
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TAOFLOW_KAFKA_BOOTSTRAP": bs, "TAOFLOW_DATA_DIR": str(tmp),
