@@ -37,7 +37,7 @@ OWNER_FILE = "lander.json"
 
 
 def _interaction_row(
-    rows: dict[str, list[Any]], ev: FastInteraction | InteractionEvent, partition: int, offset: int
+    rows: list[tuple[Any, ...]], ev: FastInteraction | InteractionEvent, partition: int, offset: int
 ) -> None:
     if isinstance(ev.prompt, str):
         prompt, chat = ev.prompt, False
@@ -51,15 +51,16 @@ def _interaction_row(
     _append(rows, "interactions", values)
 
 
-def _append(rows: dict[str, list[Any]], table: str, values: tuple[Any, ...]) -> None:
-    for col, v in zip(store.COLUMNS[table], values, strict=True):
-        rows[col].append(v)
+def _append(rows: list[tuple[Any, ...]], table: str, values: tuple[Any, ...]) -> None:
+    if len(values) != len(store.COLUMNS[table]):
+        raise ValueError(f"{table}: {len(values)} values for {len(store.COLUMNS[table])} columns")
+    rows.append(values)
 
 
 def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
     """Column-oriented rows per table from a batch of Kafka records (invalid input is skipped here:
     the worker already dead-lettered it)."""
-    out: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)  # rows as tuples, turned into columns at the end
     for rec in records:
         try:
             if rec.topic == names.INTERACTIONS:
@@ -101,7 +102,8 @@ def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
                     _append(out[table], table, store.record_values(table, doc["row"]))
         except (EventValidationError, ValueError, KeyError, TypeError):
             continue  # fmt: skip
-    return out
+    return {table: dict(zip(store.COLUMNS[table], map(list, zip(*rows, strict=True)), strict=True))
+            for table, rows in out.items()}  # fmt: skip
 
 
 class Lander:
