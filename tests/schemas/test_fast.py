@@ -108,33 +108,27 @@ def same_values(fast: Any, model: Any, fields: tuple[str, ...]) -> None:
     assert fast.ts.utcoffset() == model.ts.utcoffset()
 
 
+KINDS = {
+    "interaction": (InteractionEvent, fast_interaction, parse_interaction, base_interaction, INTERACTION_VALUES, 1),
+    "feedback": (FeedbackEvent, fast_feedback, parse_feedback, base_feedback, FEEDBACK_VALUES, 2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("limits", LIMITS, ids=["default", "tight"])
-def test_fast_interaction_accepts_a_subset_with_equal_values(limits: Limits) -> None:
+def test_fast_path_accepts_a_subset_with_equal_values(kind: str, limits: Limits) -> None:
+    model_cls, fast_fn, parse_fn, base, values, seed = KINDS[kind]
     fast_hits = 0
-    for raw in cases(base_interaction(), INTERACTION_VALUES, seed=1):
-        fast = fast_interaction(raw, limits)
-        model = model_or_error(InteractionEvent, raw, limits)
+    for raw in cases(base(), values, seed=seed):
+        fast = fast_fn(raw, limits)
+        model = model_or_error(model_cls, raw, limits)
         if fast is None:
             continue
         fast_hits += 1
-        assert isinstance(model, InteractionEvent), (raw, model)
-        same_values(fast, model, FastInteraction.__slots__)
-        assert parse_interaction(raw, limits) is not None
+        assert isinstance(model, model_cls), (raw, model)
+        same_values(fast, model, type(fast).__slots__)
+        assert isinstance(parse_fn(raw, limits), type(fast))
     assert fast_hits > 100  # the common shapes do take the fast path
-
-
-@pytest.mark.parametrize("limits", LIMITS, ids=["default", "tight"])
-def test_fast_feedback_accepts_a_subset_with_equal_values(limits: Limits) -> None:
-    fast_hits = 0
-    for raw in cases(base_feedback(), FEEDBACK_VALUES, seed=2):
-        fast = fast_feedback(raw, limits)
-        model = model_or_error(FeedbackEvent, raw, limits)
-        if fast is None:
-            continue
-        fast_hits += 1
-        assert isinstance(model, FeedbackEvent), (raw, model)
-        same_values(fast, model, FastFeedback.__slots__)
-    assert fast_hits > 100
 
 
 def test_fast_path_takes_plain_events_and_falls_back_with_the_models_error() -> None:
