@@ -106,6 +106,21 @@ def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
             for table, rows in out.items()}  # fmt: skip
 
 
+def landing_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
+    """aiokafka consumer settings for a landing group `<app_id>-<group>`: manual commits (after landing), from
+    the earliest offset, in fetches as large as a landing batch."""
+    return {
+        "bootstrap_servers": settings.bootstrap,
+        "group_id": f"{settings.stream.app_id}-{group}",
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": settings.stream.land_batch_size,
+        "fetch_max_bytes": 64 * 1024 * 1024,
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        **settings.kafka.security_kwargs(),
+    }
+
+
 class Lander:
     """Consumes the outcome topics in group `<app_id>-lander` and lands them; serves SQL on loopback."""
 
@@ -184,17 +199,7 @@ class Lander:
     async def _consume(self, stop: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        consumer = AIOKafkaConsumer(
-            *self.TOPICS,
-            bootstrap_servers=self.settings.bootstrap,
-            group_id=f"{self.cfg.app_id}-lander",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self.cfg.land_batch_size,
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-            **self.settings.kafka.security_kwargs(),
-        )
+        consumer = AIOKafkaConsumer(*self.TOPICS, **landing_consumer_config(self.settings, "lander"))
         await consumer.start()
         limits = self.settings.limits.limits()
         loop = asyncio.get_running_loop()
@@ -224,8 +229,7 @@ class Lander:
                 batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.cfg.land_batch_size)
                 records = [r for recs in batch.values() for r in recs]
                 if not records:
-                    if landing is not None:
-                        await finish()
+                    await finish()
                     continue
                 t0 = time.perf_counter()
                 rows = to_rows(records, limits)

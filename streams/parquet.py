@@ -192,6 +192,8 @@ class ParquetLander:
     async def run(self, stop: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
+        from streams.lander import landing_consumer_config
+
         lander = self
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -210,16 +212,9 @@ class ParquetLander:
                     await loop.run_in_executor(None, lander.sink.discard_uncommitted, marks)
 
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap,
-            group_id=f"{self.cfg.app_id}-parquet",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self.cfg.land_batch_size,
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=8 * 1024 * 1024,
+            **landing_consumer_config(self.settings, "parquet"),
             session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
             heartbeat_interval_ms=int(max(0.5, self.cfg.session_timeout_s / 10) * 1000),
-            **self.settings.kafka.security_kwargs(),
         )
         consumer.subscribe(list(self.TOPICS), listener=Listener())
         await consumer.start()
