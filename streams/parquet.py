@@ -120,9 +120,9 @@ class ParquetSink:
         cols = dict(cols)
         cols["landed_at"] = [datetime.now(UTC)] * n
         groups: dict[tuple[str, str | None], list[int]] = defaultdict(list)
-        task_types = cols.get("task_type")
+        task_types = cols["task_type"] if "task_type" in hive else None
         for i, ts in enumerate(cols["ts"]):
-            groups[(ts.astimezone(UTC).date().isoformat(), task_types[i] if "task_type" in hive else None)].append(i)
+            groups[(ts.astimezone(UTC).date().isoformat(), task_types[i] if task_types is not None else None)].append(i)
         schema = arrow_schema(table)
         name = f"{topic}-p{partition}-o{first_offset:012d}-{self.writer}.parquet"
         written = []
