@@ -148,6 +148,20 @@ def patch_faust_offset_jumps() -> None:
 
     async def perform_seek(self: Any) -> None:
         await original_perform_seek(self)
+        # aiokafka's `seek_to_committed` leaves a partition with no committed offset (or 0) where its position
+        # is. After a fetch that faust discarded (flow stopped or a new generation mid-fetch, a stale epoch),
+        # that position is past records nobody processed: a worker that took such a partition over began after
+        # them. Those partitions are read from their beginning, as with no position at all.
+        unset = [tp for tp in self.assignment() if guarded(self, tp.topic) and not self._read_offset.get(tp)]
+        thread = getattr(self, "_thread", None)
+        if unset and thread is not None:
+            from faust.transport.drivers.aiokafka import ensure_aiokafka_TP
+
+            await thread.seek_to_beginning(*(ensure_aiokafka_TP(tp) for tp in unset))
+            for tp in unset:
+                self._read_offset[tp] = None
+            log.info("no committed offset: reading %s from the beginning",
+                     ", ".join(f"{tp.topic}/{tp.partition}" for tp in unset))  # fmt: skip
         # where each partition now reads from (its committed offset), for the lane's continuity check
         self.__dict__["_taoflow_seek_targets"] = {tp: o for tp, o in self._read_offset.items() if o is not None}
         bump_seek_epoch(self)

@@ -121,12 +121,20 @@ class Lane:
                     topic, messages, epoch = self._items.popleft()
                     taken += len(messages)
                     if active and epoch == current:  # else fetched before a rebalance: read again after it
-                        by_topic.setdefault(topic, []).extend(m for m in messages if m.generation_id == generation)
+                        kept = [m for m in messages if m.generation_id == generation]
+                        if len(kept) != len(messages):
+                            log.info("%s: %d records of an older generation dropped", topic, len(messages) - len(kept))
+                        by_topic.setdefault(topic, []).extend(kept)
+                    else:
+                        log.info("%s: %d records dropped (fetched in epoch %d, now %d; flow active: %s)",
+                                 topic, len(messages), epoch, current, active)  # fmt: skip
                 self._space.set()
                 if current != self._epoch:  # a rebalance sought every partition to its committed offset
                     self._epoch = current
                     self._next = dict(consumer.__dict__.get("_taoflow_seek_targets", {}))
                     self._holes.clear()
+                    resume = {f"{t.topic}/{t.partition}": o for t, o in self._next.items() if t.topic in self.topics}
+                    log.info("seek epoch %d: processing resumes at %s", current, resume)
                 by_topic = {t: self._continuous(msgs) for t, msgs in by_topic.items()}
                 while self._gaps:
                     await consumer._add_gap(*self._gaps.pop())
@@ -168,6 +176,8 @@ class Lane:
             tp, off = m.tp, m.offset
             expected = self._next.get(tp)
             if expected is None or off == expected:
+                if expected is None:
+                    log.info("%s/%d: first record at offset %d (no expected offset)", tp.topic, tp.partition, off)
                 self._next[tp] = off + 1
                 out.append(m)
             elif off < expected:
@@ -307,6 +317,8 @@ def patch_faust_drain() -> None:
                     assigned = self.assignment()
                     for tp in read:
                         if tp in assigned:
+                            log.info("%s/%d: fetch from before seek epoch %d dropped; reading again from %s",
+                                     tp.topic, tp.partition, seek_epoch(self), get_read_offset(tp))  # fmt: skip
                             await self.seek(tp, get_read_offset(tp) or 0)
                     continue
                 for tp, offset in read.items():

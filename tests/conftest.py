@@ -22,11 +22,11 @@ def free_port() -> int:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test sees the developer's TAOFLOW_* variables or taoflow.toml."""
+    """No test sees the developer's TAOFLOW_* variables or taoflow.toml (TAOFLOW_TEST_* steer the harness)."""
     import os
 
     for key in list(os.environ):
-        if key.startswith("TAOFLOW_"):
+        if key.startswith("TAOFLOW_") and not key.startswith("TAOFLOW_TEST_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
 
