@@ -148,28 +148,36 @@ def patch_faust_offset_jumps() -> None:
 
     async def perform_seek(self: Any) -> None:
         await original_perform_seek(self)
+        # Everything that depends on the committed offsets just read is settled before the next await: faust's
+        # recovery resumes the flow before this seek, so a fetch can complete inside any await below, and the
+        # patched fetch loop would then move `_read_offset` to the last *fetched* offset. Snapshotting the targets
+        # after such an await made the lane adopt that fetched offset as "processing resumes at", and everything
+        # below it was skipped as already processed when the (dropped) batch was read again.
+        #
         # aiokafka's `seek_to_committed` leaves a partition with no committed offset (or 0) where its position
         # is. After a fetch that faust discarded (flow stopped or a new generation mid-fetch, a stale epoch),
         # that position is past records nobody processed: a worker that took such a partition over began after
-        # them. Those partitions are read from their beginning, as with no position at all.
+        # them. Those partitions are read from their beginning (target 0; a log start past 0, from retention, is
+        # a real hole the lane's continuity check accepts after its re-reads).
         unset = [tp for tp in self.assignment() if guarded(self, tp.topic) and not self._read_offset.get(tp)]
+        for tp in unset:
+            self._read_offset[tp] = None
+        targets = {tp: o for tp, o in self._read_offset.items() if o is not None}
+        targets.update((tp, 0) for tp in unset)
+        # where each partition now reads from (its committed offset), for the lane's continuity check
+        self.__dict__["_taoflow_seek_targets"] = targets
+        bump_seek_epoch(self)  # a fetch completing from here on, issued before the seek, is dropped as stale
+        st = state(self)
+        for tp, offset in targets.items():
+            st["expected"][tp] = offset
+            st["resync"].pop(tp, None)
         thread = getattr(self, "_thread", None)
         if unset and thread is not None:
             from faust.transport.drivers.aiokafka import ensure_aiokafka_TP
 
             await thread.seek_to_beginning(*(ensure_aiokafka_TP(tp) for tp in unset))
-            for tp in unset:
-                self._read_offset[tp] = None
             log.info("no committed offset: reading %s from the beginning",
                      ", ".join(f"{tp.topic}/{tp.partition}" for tp in unset))  # fmt: skip
-        # where each partition now reads from (its committed offset), for the lane's continuity check
-        self.__dict__["_taoflow_seek_targets"] = {tp: o for tp, o in self._read_offset.items() if o is not None}
-        bump_seek_epoch(self)
-        st = state(self)
-        for tp, offset in self._read_offset.items():
-            if offset is not None:
-                st["expected"][tp] = offset
-                st["resync"].pop(tp, None)
 
     async def seek(self: Any, partition: Any, offset: int) -> None:
         await original_seek(self, partition, offset)

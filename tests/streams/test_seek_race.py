@@ -1,0 +1,178 @@
+"""The rebalance seek against a fetch that completes inside it: broker-free, deterministic, milliseconds.
+
+faust's recovery resumes the flow before `perform_seek`, so a fetch issued before the seek can complete while the
+seek awaits the broker (here: `seek_to_beginning` for a partition with no committed offset). The real patched
+`perform_seek` and fetch loop run against a fake consumer whose fetch is forced to land inside that await. Before the
+fix, the loop moved the read offset to the last *fetched* offset, the seek snapshotted it as "processing resumes
+at", and the lane then skipped everything below it as processed (the takeover test's lost records:
+last commit 1704 + a 2000-record fetch - 1 = 3703).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from faust.transport.consumer import Consumer
+from faust.types import TP
+
+from streams.compat import patch_faust_offset_jumps, seek_epoch
+from streams.lane import Lane, patch_faust_drain
+
+INTERACTIONS = "taoflow.interactions"
+COMMITTED = TP(INTERACTIONS, 0)  # the killed worker committed 1704 on this partition
+UNSET = TP(INTERACTIONS, 1)  # and never committed on this one: the seek sends it to its beginning
+
+
+class _Message(SimpleNamespace):
+    pass
+
+
+def _records(tp: TP, first: int, n: int) -> list[_Message]:
+    return [_Message(tp=tp, topic=tp.topic, partition=tp.partition, offset=o, generation_id=1)
+            for o in range(first, first + n)]  # fmt: skip
+
+
+class _Lane:
+    """What the fetch loop hands over (the real Lane's continuity check is exercised below)."""
+
+    topics = frozenset({INTERACTIONS})
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, list[Any], int]] = []
+
+    async def put(self, topic: str, messages: list[Any], epoch: int) -> None:
+        self.batches.append((topic, messages, epoch))
+
+
+class FakeConsumer:
+    """The attributes the patched `perform_seek`, `seek` and fetch loop use; everything else is absent."""
+
+    consumer_stopped_errors = (RuntimeError,)
+
+    def __init__(self, in_flight: list[_Message]) -> None:
+        self.app = SimpleNamespace(_taoflow_lane=_Lane(), topics=SimpleNamespace(acks_enabled_for=lambda t: True))
+        self.transport = SimpleNamespace(app=SimpleNamespace(should_stop=False))
+        self._read_offset: dict[TP, int | None] = defaultdict(lambda: None)
+        self._read_offset.update({COMMITTED: 1000, UNSET: None})  # before the rebalance
+        self._committed_offset: dict[TP, int | None] = {}
+        self._stopped = asyncio.Event()
+        self.suspend_flow = asyncio.Event()
+        self.should_stop = False
+        self._n_acked = 0
+        self._commit_every = None
+        self.callback = None
+        self.log = SimpleNamespace(dev=lambda *a: None)
+        self.sought: list[tuple[TP, int]] = []
+        self.fetch_ready = asyncio.Event()  # the in-flight fetch completes when this is set
+        self.fetch_done = asyncio.Event()  # the fetch loop has handled it
+        self.fetching = asyncio.Event()  # the fetch loop waits for the in-flight fetch
+        self.in_flight = in_flight
+        self._thread = SimpleNamespace(seek_to_beginning=self._seek_to_beginning)
+
+    # looked up at call time: the patched functions (installed by the test) are the ones under test
+    async def perform_seek(self) -> None:
+        await Consumer.perform_seek(self)  # type: ignore[arg-type]
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        await Consumer.seek(self, tp, offset)  # type: ignore[arg-type]
+
+    async def _drain_messages(self, fetcher: Any) -> None:
+        await Consumer._drain_messages(self, fetcher)  # type: ignore[arg-type]
+
+    def assignment(self) -> set[TP]:
+        return {COMMITTED, UNSET}
+
+    async def seek_to_committed(self) -> dict[TP, int]:
+        return {COMMITTED: 1704, UNSET: -1}
+
+    async def _seek_to_beginning(self, *tps: Any) -> None:
+        # the broker round trip during which the in-flight fetch completes
+        self.fetch_ready.set()
+        await self.fetch_done.wait()
+
+    async def _seek(self, tp: TP, offset: int) -> None:
+        self.sought.append((tp, offset))
+
+    async def sleep(self, s: float) -> None:
+        await asyncio.sleep(s)
+
+    async def wait_first(self, *coros: Any) -> None:
+        await coros[0]
+        for c in coros[1:]:
+            c.close()
+
+    async def commit(self) -> None:  # pragma: no cover - commit_every is None
+        raise AssertionError("no commit expected")
+
+    async def getmany(self, timeout: float) -> Any:
+        if self.in_flight:
+            self.fetching.set()
+            await self.fetch_ready.wait()
+            batch, self.in_flight = self.in_flight, []
+            for m in batch:
+                yield m.tp, m
+            return
+        self.fetch_done.set()
+        self._stopped.set()  # one fetch is all this test needs
+
+
+async def _rebalance_with_fetch_inside_the_seek(waiting_before_seek: bool) -> FakeConsumer:
+    patch_faust_offset_jumps()
+    patch_faust_drain()
+    # a 2000-record fetch from the committed offset that lands while perform_seek awaits the broker; the fetch loop
+    # is either already waiting for it when the rebalance's seek starts, or starts waiting during the seek
+    consumer = FakeConsumer(_records(COMMITTED, 1704, 2000))
+    fetcher = SimpleNamespace(_stopped=asyncio.Event())
+    drain = asyncio.create_task(consumer._drain_messages(fetcher))
+    if waiting_before_seek:
+        await consumer.fetching.wait()
+    await asyncio.wait_for(consumer.perform_seek(), 5)
+    await asyncio.wait_for(drain, 5)
+    return consumer
+
+
+def _lane_from(consumer: FakeConsumer) -> Lane:
+    lane = Lane.__new__(Lane)  # only its continuity check, from the targets the seek left
+    lane._next = dict(consumer.__dict__["_taoflow_seek_targets"])
+    lane._holes, lane._reseek, lane._gaps = {}, [], []
+    return lane
+
+
+@pytest.mark.parametrize("waiting_before_seek", [True, False], ids=["fetch-issued-before-seek", "fetch-during-seek"])
+def test_seek_targets_are_the_committed_offsets_even_when_a_fetch_lands_inside_the_seek(
+    waiting_before_seek: bool,
+) -> None:
+    consumer = asyncio.run(_rebalance_with_fetch_inside_the_seek(waiting_before_seek))
+    targets = consumer.__dict__["_taoflow_seek_targets"]
+    # processing resumes where the killed worker committed, and a partition with no commit from its beginning
+    assert targets == {COMMITTED: 1704, UNSET: 0}
+    assert seek_epoch(consumer) == 1
+    batches = consumer.app._taoflow_lane.batches
+    if waiting_before_seek:
+        # the fetch was waited for before the seek: stale, nothing of it reached the lane, and its partition is
+        # read again from the committed offset
+        assert batches == []
+        assert consumer.sought == [(COMMITTED, 1704)]
+        assert consumer._read_offset[COMMITTED] == 1704
+    else:
+        # waited for after the seek: it is current, and the lane takes every record of it from the target on
+        [(_topic, messages, epoch)] = batches
+        assert epoch == 1
+        assert [m.offset for m in _lane_from(consumer)._continuous(messages)] == list(range(1704, 3704))
+
+
+def test_the_lane_reads_every_record_from_the_targets_after_such_a_seek() -> None:
+    consumer = asyncio.run(_rebalance_with_fetch_inside_the_seek(True))
+    lane = _lane_from(consumer)
+    # the same 2000 records read again after the seek, and partition 1 from its beginning: none is skipped
+    kept = lane._continuous(_records(COMMITTED, 1704, 2000) + _records(UNSET, 0, 50))
+    assert [m.offset for m in kept if m.tp == COMMITTED] == list(range(1704, 3704))
+    assert [m.offset for m in kept if m.tp == UNSET] == list(range(50))
+    # a stale fetch from past the beginning of the partition with no commit is a hole, read again from 0
+    lane._next[UNSET] = 0
+    assert lane._continuous(_records(UNSET, 2000, 10)) == []
+    assert lane._reseek == [(UNSET, 0)]
