@@ -45,7 +45,7 @@ def seed_interactions(settings: Settings, prompts: list[str]) -> None:
     now = datetime.now(UTC)
     values = [
         (str(uuid.uuid4()), now, "bench", "math", "direct", p, False, hashlib.sha256(p.encode()).hexdigest(), "-",
-         None, 1.0, "{}", 0, i)
+         None, 1.0, "{}", 0, i, None, False)
         for i, p in enumerate(prompts)
     ]  # fmt: skip
     store.insert(con, "interactions", {c: [v[i] for v in values] for i, c in enumerate(store.COLUMNS["interactions"])})

@@ -85,7 +85,7 @@ def run_scheduler(settings: Settings, stop: threading.Event | None = None, run_n
         from learners.tao import METRICS
         from taoflow.metrics import serve_metrics
 
-        serve_metrics(settings.learner.metrics_port, METRICS.registry, "learner")
+        serve_metrics(settings.learner.metrics_port, METRICS.registry, "learner", settings.core.metrics_host)
     scheduler = BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{path}")},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},

@@ -19,7 +19,42 @@ _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz
 
 
 def _parse_rfc3339(value: Any) -> datetime:
-    """Accept an aware datetime or an RFC 3339 string; everything else is an error, never a guess."""
+    """Accept an aware datetime or an RFC 3339 string that is a valid time in UTC; everything else is an error,
+    never a guess."""
+    ts = _parse_aware(value)
+    try:
+        ts.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValueError(f"timestamp {ts.isoformat()} is out of range in UTC") from None
+    return ts
+
+
+def _parse_event_time(value: Any, info: ValidationInfo) -> datetime:
+    """An agent's event time: as `_parse_rfc3339`, and within the limits' window around now."""
+    return check_window(_parse_aware(value), limits_from(info))
+
+
+def check_window(ts: datetime, limits: Limits) -> datetime:
+    """`ts` if it lies in the window around now that the limits allow (a timestamp far in the past or future is a
+    broken clock or a hostile event; one past year 9999 in UTC would break every computation made with it)."""
+    try:
+        age = (datetime.now(UTC) - ts.astimezone(UTC)).total_seconds()
+    except (OverflowError, ValueError):
+        raise ValueError(f"timestamp {ts.isoformat()} is out of range in UTC") from None
+    if age > limits.max_ts_age_s:
+        raise ValueError(
+            f"timestamp {_format_rfc3339(ts)} is more than {limits.max_ts_age_s / 86400:g} days in the past "
+            "(TAOFLOW_LIMITS_MAX_TS_AGE_S)"
+        )
+    if -age > limits.max_ts_ahead_s:
+        raise ValueError(
+            f"timestamp {_format_rfc3339(ts)} is more than {limits.max_ts_ahead_s:.0f} s in the future "
+            "(TAOFLOW_LIMITS_MAX_TS_AHEAD_S; check the sender's clock)"
+        )
+    return ts
+
+
+def _parse_aware(value: Any) -> datetime:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("timestamp has no timezone; use an aware datetime (e.g. datetime.now(timezone.utc))")
@@ -44,6 +79,11 @@ def _format_rfc3339(value: datetime) -> str:
 Timestamp = Annotated[datetime, BeforeValidator(_parse_rfc3339), PlainSerializer(_format_rfc3339, return_type=str)]
 """An aware datetime that reads and writes RFC 3339 (UTC, `Z` suffix, on output)."""
 
+EventTime = Annotated[
+    datetime, BeforeValidator(_parse_event_time), PlainSerializer(_format_rfc3339, return_type=str)
+]
+"""A Timestamp sent by an agent (interactions, feedback): also bounded to a window around now (`Limits`)."""
+
 
 def utcnow() -> datetime:
     """The current time, timezone-aware, UTC."""
@@ -63,6 +103,8 @@ class Limits:
     max_response_bytes: int = 256 * 1024
     max_metadata_bytes: int = 64 * 1024
     max_event_bytes: int = 1024 * 1024
+    max_ts_age_s: float = 10 * 365 * 86400.0  # how far in the past an event's timestamp may lie
+    max_ts_ahead_s: float = 86400.0  # and how far in the future (clock skew)
 
 
 DEFAULT_LIMITS = Limits()

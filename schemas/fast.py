@@ -3,8 +3,8 @@
 Validating an InteractionEvent with pydantic costs about 10 us, most of it building the model and running
 the Python validators; `orjson` parses the same bytes in under 1 us. The functions here parse with `orjson`
 and check the common, plainly valid shape of an event by hand, returning a light record with the same
-attribute names as the model. Anything they are not sure of (a missing optional field that pydantic would
-fill in, a chat prompt, a bool where a number goes, a metadata object near its size limit, deep nesting,
+attribute names as the model. Anything they are not sure of (a missing field that pydantic would fill in with
+a fresh value, a chat prompt, a bool where a number goes, a metadata object near its size limit, deep nesting,
 ...) returns None, and the caller validates with pydantic as before, which also gives the precise error.
 
 So the fast path only ever accepts a subset of what the models accept, with equal values; the differential
@@ -13,6 +13,8 @@ tests in `tests/schemas/test_fast.py` check that over valid, edge and mutated ev
 
 from __future__ import annotations
 
+import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,9 +26,14 @@ from schemas.interactions import InteractionEvent
 
 _INTERACTION_FIELDS = frozenset(
     ("schema_version", "event_id", "ts", "agent_id", "task_type", "operator", "prompt", "response", "adapter",
-     "latency_ms", "metadata")
+     "latency_ms", "metadata", "caller", "forced")
 )  # fmt: skip
-_FEEDBACK_FIELDS = frozenset(("schema_version", "event_id", "interaction_id", "ts", "kind", "value", "metadata"))
+_FEEDBACK_FIELDS = frozenset(
+    ("schema_version", "event_id", "interaction_id", "ts", "kind", "value", "metadata", "caller")
+)
+# `schemas.interactions.Caller`'s pattern; pydantic's (Rust) regex `$` is the end of the text, so `fullmatch`, not a
+# Python `$`, which would also match before a trailing newline
+_CALLER = re.compile(r"[0-9a-f]{32}")
 _KINDS = frozenset(FEEDBACK_KINDS)
 _MAX_NESTING = 64  # well inside pydantic's JSON recursion limit; counted conservatively (brackets in strings too)
 
@@ -34,8 +41,8 @@ _MAX_NESTING = 64  # well inside pydantic's JSON recursion limit; counted conser
 class FastInteraction:
     """A validated InteractionEvent's fields (plain string prompt), as attributes."""
 
-    __slots__ = ("adapter", "agent_id", "event_id", "latency_ms", "metadata", "operator", "prompt", "response",
-                 "task_type", "ts")  # fmt: skip
+    __slots__ = ("adapter", "agent_id", "caller", "event_id", "forced", "latency_ms", "metadata", "operator", "prompt",
+                 "response", "task_type", "ts")  # fmt: skip
 
     def __init__(self, d: dict[str, Any], ts: datetime) -> None:
         self.event_id: str = d["event_id"]
@@ -48,12 +55,14 @@ class FastInteraction:
         self.adapter: str | None = d.get("adapter")
         self.latency_ms = float(d.get("latency_ms", 0.0))
         self.metadata: dict[str, Any] = d.get("metadata", {})
+        self.caller: str | None = d.get("caller")
+        self.forced: bool = d.get("forced", False)
 
 
 class FastFeedback:
     """A validated FeedbackEvent's fields, as attributes."""
 
-    __slots__ = ("event_id", "interaction_id", "kind", "metadata", "ts", "value")
+    __slots__ = ("caller", "event_id", "interaction_id", "kind", "metadata", "ts", "value")
 
     def __init__(self, d: dict[str, Any], ts: datetime) -> None:
         self.event_id: str = d["event_id"]
@@ -62,10 +71,15 @@ class FastFeedback:
         self.kind: str = d["kind"]
         self.value = float(d["value"])
         self.metadata: dict[str, Any] = d.get("metadata", {})
+        self.caller: str | None = d.get("caller")
 
 
 def _name(v: Any) -> bool:
     return type(v) is str and 0 < len(v) <= 256
+
+
+def _caller(v: Any) -> bool:
+    return v is None or (type(v) is str and _CALLER.fullmatch(v) is not None)
 
 
 def _number(v: Any) -> bool:
@@ -80,6 +94,17 @@ def _ts(v: Any) -> datetime | None:
     except ValueError:
         return None
     return ts if ts.tzinfo is not None else None
+
+
+_WINDOW_MARGIN_S = 60.0  # the model checks the time window a moment later: stay clear of its edges
+
+
+def _in_window(ts: datetime, limits: Limits) -> bool:
+    """Plainly inside the window around now that `schemas.base.EventTime` allows (edges go to the model)."""
+    if not 1 < ts.year < 9999:  # near the ends of datetime's range, UTC conversion may overflow
+        return False
+    age = time.time() - ts.timestamp()
+    return -(limits.max_ts_ahead_s - _WINDOW_MARGIN_S) <= age <= limits.max_ts_age_s - _WINDOW_MARGIN_S
 
 
 def _small_metadata(d: dict[str, Any], limit: int) -> bool:
@@ -121,7 +146,7 @@ def fast_interaction(raw: Any, limits: Limits) -> FastInteraction | None:
         ts = _ts(d["ts"])
     except KeyError:  # a required field (pydantic's error) or a defaulted one (pydantic fills it in)
         return None
-    if ts is None or type(prompt) is not str or type(response) is not str:
+    if ts is None or not _in_window(ts, limits) or type(prompt) is not str or type(response) is not str:
         return None
     if len(prompt.encode()) > limits.max_prompt_bytes or len(response.encode()) > limits.max_response_bytes:
         return None
@@ -132,6 +157,9 @@ def fast_interaction(raw: Any, limits: Limits) -> FastInteraction | None:
     if not _number(lat) or lat < 0:
         return None
     if not _small_metadata(d, limits.max_metadata_bytes):
+        return None
+    # pydantic's lax bool also takes 0/1 and "yes"/"off"/...; those go the slow way
+    if not _caller(d.get("caller")) or type(d.get("forced", False)) is not bool:
         return None
     return FastInteraction(d, ts)
 
@@ -148,9 +176,9 @@ def fast_feedback(raw: Any, limits: Limits) -> FastFeedback | None:
         ts = _ts(d["ts"])
     except (KeyError, TypeError):  # TypeError: an unhashable kind
         return None
-    if ts is None or not _number(value) or not 0.0 <= value <= 1.0:
+    if ts is None or not _in_window(ts, limits) or not _number(value) or not 0.0 <= value <= 1.0:
         return None
-    if not _small_metadata(d, limits.max_metadata_bytes):
+    if not _small_metadata(d, limits.max_metadata_bytes) or not _caller(d.get("caller")):
         return None
     return FastFeedback(d, ts)
 

@@ -6,8 +6,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field
 
-from schemas.base import EventModel, Timestamp, check_metadata_size, new_event_id, utcnow
-from schemas.interactions import EventId
+from schemas.base import EventModel, EventTime, check_metadata_size, new_event_id, utcnow
+from schemas.interactions import Caller, EventId
 from schemas.topics import FEEDBACK
 
 FeedbackKind = Literal["thumbs", "rating", "followup", "implemented", "task_success", "custom"]
@@ -21,10 +21,11 @@ class FeedbackEvent(EventModel):
 
     event_id: EventId = Field(default_factory=new_event_id)
     interaction_id: EventId
-    ts: Timestamp = Field(default_factory=utcnow)
+    ts: EventTime = Field(default_factory=utcnow)
     kind: FeedbackKind
     value: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     metadata: Annotated[dict[str, Any], AfterValidator(check_metadata_size)] = Field(default_factory=dict)
+    caller: Caller | None = None  # set by the gateway: accepted only for interactions this caller captured
 
     def key(self) -> bytes:
         return self.interaction_id.encode()

@@ -6,11 +6,14 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from schemas.base import EventModel, Timestamp, check_metadata_size, limits_from, new_event_id, utcnow
+from schemas.base import EventModel, EventTime, check_metadata_size, limits_from, new_event_id, utcnow
 from schemas.topics import INTERACTIONS
 
 EventId = Annotated[str, Field(min_length=1, max_length=256)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
+# who captured an event: the hex sha256 (first 32 digits) of the gateway API key it came in with; None for trusted
+# producers (the SDK writing to Kafka directly, or an admin key)
+Caller = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 class ChatMessage(BaseModel):
@@ -48,7 +51,7 @@ class InteractionEvent(EventModel):
     topic: ClassVar[str] = INTERACTIONS
 
     event_id: EventId = Field(default_factory=new_event_id)
-    ts: Timestamp = Field(default_factory=utcnow)
+    ts: EventTime = Field(default_factory=utcnow)
     agent_id: Name
     task_type: Name
     operator: Name
@@ -57,6 +60,8 @@ class InteractionEvent(EventModel):
     adapter: Name | None = None
     latency_ms: float = Field(default=0.0, ge=0)
     metadata: Annotated[dict[str, Any], AfterValidator(check_metadata_size)] = Field(default_factory=dict)
+    caller: Caller | None = None  # only feedback from the same caller (or a trusted producer) may score it
+    forced: bool = False  # the client forced its operator or adapter: served and landed, never in utilities
 
     @field_validator("prompt")
     @classmethod

@@ -229,12 +229,14 @@ class TransformersBackend(Backend):
         job = loop.run_in_executor(self.pool, run)
         it = iter(streamer)
         sent = ""
+        # only the tail can hold a stop string that this piece completes: the check stays O(piece) per piece
+        reach = max((len(s) for s in req.stop), default=0)
         while True:
             piece = await asyncio.to_thread(next, it, None)
             if piece is None:
                 break
             sent += piece
-            _, stopped = _apply_stop(sent, req.stop)
+            _, stopped = _apply_stop(sent[-(len(piece) + reach) :], req.stop) if reach else ("", False)
             if stopped:
                 break
             if piece:
@@ -298,9 +300,12 @@ class VllmBackend(Backend):
 
     name = "vllm"
 
-    def __init__(self, base_model: str, url: str | None, *, launch: bool = False, port: int = 8100) -> None:
+    def __init__(
+        self, base_model: str, url: str | None, *, launch: bool = False, port: int = 8100, api_key: str | None = None
+    ) -> None:
         super().__init__()
         self.base_model = base_model
+        self.api_key = api_key
         self.url = (url or f"http://127.0.0.1:{port}/v1").rstrip("/")
         self.launch = launch
         self.port = port
@@ -310,12 +315,15 @@ class VllmBackend(Backend):
     async def start(self) -> None:
         import httpx
 
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(300.0, connect=5.0))
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(300.0, connect=5.0), headers=headers)
         if self.launch:
             import os
             import subprocess
 
             env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+            if self.api_key:
+                env["VLLM_API_KEY"] = self.api_key  # not --api-key: a command line is visible to every local user
             cmd = ["vllm", "serve", self.base_model, "--enable-lora", "--port", str(self.port), "--max-lora-rank", "64"]
             try:
                 self.proc = subprocess.Popen(cmd, env=env)
@@ -423,6 +431,7 @@ def build_backend(settings: Any) -> Backend:
     cfg = settings.serve
     base = default_base_model(settings)
     if cfg.backend == "vllm":
-        return VllmBackend(base, cfg.vllm_url, launch=cfg.vllm_launch)
+        key = cfg.vllm_api_key.get_secret_value() if cfg.vllm_api_key else None
+        return VllmBackend(base, cfg.vllm_url, launch=cfg.vllm_launch, api_key=key)
     check_model(base)
     return TransformersBackend(base, cfg.device)

@@ -2,27 +2,35 @@
 
 One HTML page and taoflow's own small SVG chart script (both in `serving/static`, so nothing is fetched from
 the network), fed by `/dashboard/data`, which reads the SQL views. The page refreshes itself every few seconds.
-Access takes an admin key, as the gateway's admin scope: `Authorization: Bearer <key>`, or `?key=<key>` once
-in the browser (it sets a cookie). With no keys configured at all the dashboard is open, like the gateway.
+Access takes an admin key, as the gateway's admin scope: `Authorization: Bearer <key>`, or the sign-in form at
+`/dashboard` (a POST; the key never goes in a URL), which sets an HttpOnly, SameSite=Strict cookie (`Secure`
+over https) holding a session token: an expiry time and an HMAC of it under the key, so the key itself is never
+stored in the browser, every replica accepts it, and it lapses after SESSION_S. With no keys configured at all
+the dashboard is open, like the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from serving.exceptions import AuthError
+from serving.exceptions import AuthError, BadRequest
 from taoflow.report import bucket_width
 from taoflow.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
-COOKIE = "taoflow_admin"
+COOKIE = "taoflow_session"
 REFRESH_S = 5
+SESSION_S = 12 * 3600
+LOGIN_MAX_BYTES = 4096
 
 
 def _iso(v: Any) -> Any:
@@ -121,34 +129,85 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
     }
 
 
+def session_token(key: bytes, expires: int) -> str:
+    """`<expiry>.<hmac>`: proves the holder signed in with `key` and lapses at `expires` (unix seconds)."""
+    mac = hmac.new(key, f"taoflow-dashboard-session:{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"{expires}.{mac}"
+
+
+def _ascii(value: str | None) -> bytes:
+    """Header and cookie values arrive latin-1 decoded; anything but printable ASCII never matches (-> b'')."""
+    raw = (value or "").encode("latin-1", "replace")
+    return raw if raw and all(33 <= c < 127 for c in raw) else b""
+
+
 def add_dashboard(app: FastAPI, settings: Settings) -> None:
-    """Mount `/dashboard`, `/dashboard/charts.js` and `/dashboard/data` on `app`."""
+    """Mount `/dashboard` (page, or the sign-in form), `/dashboard/login`, `/dashboard/logout`,
+    `/dashboard/charts.js` and `/dashboard/data` on `app`."""
     cfg = settings.serve
-    admin = {k.get_secret_value() for k in cfg.admin_keys}
+    admin = [k.get_secret_value().encode() for k in cfg.admin_keys]
     anyone = not admin and not cfg.api_keys
+
+    def valid_session(token: bytes) -> bool:
+        expires, _, _ = token.partition(b".")
+        if not expires.isdigit() or int(expires) < time.time():
+            return False
+        return any(hmac.compare_digest(token, session_token(k, int(expires)).encode()) for k in admin)
 
     def allowed(request: Request) -> bool:
         if anyone:
             return True
-        header = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
-        token = header or request.cookies.get(COOKIE) or request.query_params.get("key") or ""
-        return any(hmac.compare_digest(token, k) for k in admin)
+        header = _ascii(request.headers.get("authorization"))
+        if header[:7].lower() == b"bearer ":
+            header = header[7:].strip()
+        if header:
+            return any(hmac.compare_digest(header, k) for k in admin)
+        cookie = _ascii(request.cookies.get(COOKIE))
+        return bool(cookie) and valid_session(cookie)
 
     def check(request: Request) -> None:
         if not allowed(request):
-            raise AuthError(
-                "the dashboard needs an admin key: Authorization: Bearer <key>, or open /dashboard?key=<key>"
-            )
+            raise AuthError("the dashboard needs an admin key: Authorization: Bearer <key>, or sign in at /dashboard")
+
+    def login_page(message: str = "", status: int = 401) -> HTMLResponse:
+        html = (STATIC / "login.html").read_text().replace("{message}", message)
+        return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
     @app.get("/dashboard")
     async def page(request: Request) -> Response:
-        check(request)
-        key = request.query_params.get("key")
-        if key and not anyone:
-            resp = RedirectResponse("/dashboard", status_code=303)
-            resp.set_cookie(COOKIE, key, httponly=True, samesite="strict")
-            return resp
+        if "key" in request.query_params:
+            # a key in a URL ends up in browser history, proxy and access logs
+            raise BadRequest("keys in URLs are refused; sign in with the form at /dashboard", code="key_in_url")
+        if not allowed(request):
+            return login_page()
         return HTMLResponse((STATIC / "dashboard.html").read_text())
+
+    @app.post("/dashboard/login")
+    async def login(request: Request) -> Response:
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+            raise BadRequest("sign in with the form at /dashboard", status=415, code="unsupported_media_type")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > LOGIN_MAX_BYTES:
+                raise BadRequest("the sign-in form is too large", status=413, code="request_too_large")
+        key = _ascii((parse_qs(raw.decode("latin-1")).get("key") or [""])[0])
+        match = next((k for k in admin if hmac.compare_digest(key, k)), None) if key else None
+        if match is None:
+            return login_page("That is not an admin key.")
+        resp = RedirectResponse("/dashboard", status_code=303)
+        https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+        resp.set_cookie(
+            COOKIE, session_token(match, int(time.time()) + SESSION_S), max_age=SESSION_S, path="/dashboard",
+            httponly=True, samesite="strict", secure=https,
+        )  # fmt: skip
+        return resp
+
+    @app.post("/dashboard/logout")
+    async def logout(request: Request) -> Response:
+        resp = RedirectResponse("/dashboard", status_code=303)
+        resp.delete_cookie(COOKIE, path="/dashboard", httponly=True, samesite="strict")
+        return resp
 
     @app.get("/dashboard/charts.js")
     async def charts(request: Request) -> Response:

@@ -33,3 +33,26 @@ class BackendDown(ServingError):
     status = 503
     type = "server_error"
     code = "backend_unavailable"
+
+
+class RateLimited(ServingError):
+    """A key sent more requests than its token bucket allows; `retry_after` is in seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AdapterRefused(ServingError):
+    """An adapter failed its name, location or manifest checks and is not loaded."""
+
+    status = 422
+    code = "adapter_refused"
+
+
+class InsecureConfig(ServingError):
+    """The gateway's keys or address would expose it; it refuses to start."""

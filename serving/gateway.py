@@ -5,9 +5,16 @@ Endpoints: `/v1/chat/completions` (also streaming), `/v1/completions`, `/v1/mode
 `{"error": {"message", "type", "param", "code"}}`, with the matching HTTP status.
 
 Task type comes from the `X-Taoflow-Task-Type` header or `metadata.task_type`; an operator can be forced
-with `X-Taoflow-Operator` / `metadata.operator`, an adapter by asking for it as the model. Every response
-carries its interaction id (`X-Taoflow-Interaction-Id` header and `interaction_id` in the body) for
-`/v1/feedback`. Capture goes through the SDK's Emitter, which never blocks the response.
+with `X-Taoflow-Operator` / `metadata.operator`, an adapter by asking for it as the model: such requests are
+served, and captured with `forced=True` so they never steer the utilities. Every response carries its
+interaction id (`X-Taoflow-Interaction-Id` header and `interaction_id` in the body) for `/v1/feedback`.
+Capture goes through the SDK's Emitter, which never blocks the response.
+
+Trust: every interaction and feedback carries its caller (a hash of the API key; None for admin keys and the
+no-auth mode). Only trusted callers (admin keys, `trusted_keys`, the no-auth mode) may set reserved metadata
+(`reserved_metadata_keys`, what scorers take as references) and the agent id; other callers' reserved keys are
+dropped and their `X-Taoflow-Agent` is kept as `metadata.client_agent`, never as `agent_id`.
+Authentication, rate limits and body bounds happen before the body is read (`serving.guard`).
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,13 +32,21 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas import AdapterEvent
+from schemas import AdapterEvent, UtilityEvent
 from schemas import topics as names
+from schemas.adapters import AdapterAction
+from schemas.base import format_errors, parse_event
+from schemas.fast import fast_utility
+from schemas.feedback import FeedbackEvent
+from schemas.interactions import InteractionEvent
+from serving.adapters import ADAPTER_NAME, adapter_dir, verify_adapter
+from serving.auth import OPEN, Keyring, Principal
 from serving.backends import Backend, Generation, GenRequest
-from serving.exceptions import AuthError, BadRequest, ServingError
-from serving.router import Decision, Operator, Router
+from serving.exceptions import BadRequest, RateLimited, ServingError
+from serving.guard import PRINCIPAL, Guard
+from serving.router import BASE, Decision, Operator, Router
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +55,11 @@ TASK_HEADER = "x-taoflow-task-type"
 OPERATOR_HEADER = "x-taoflow-operator"
 AGENT_HEADER = "x-taoflow-agent"
 ID_HEADER = "X-Taoflow-Interaction-Id"
+# task types and agent ids become DuckDB values and metric labels: a plain charset, bounded length
+LABEL = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+MAX_STOP = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+OTHER = "other"  # the metric label of task types not configured in `operators`
 
 
 class _Message(BaseModel):
@@ -65,6 +85,16 @@ class _SamplingRequest(BaseModel):
     seed: int | None = None
     metadata: dict[str, Any] | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stops)}")
+        if any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
+        return value
+
 
 class ChatRequest(_SamplingRequest):
     messages: list[_Message] = Field(min_length=1)
@@ -88,6 +118,15 @@ def _text(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def _label(value: str, what: str) -> str:
+    if not LABEL.fullmatch(value):
+        raise BadRequest(
+            f"{what} {value[:80]!r} is not allowed: use 1 to 64 of letters, digits and . _ : / -", code="invalid_" +
+            what.replace(" ", "_"),
+        )  # fmt: skip
+    return value
 
 
 def _pydantic_error(exc: ValidationError) -> str:
@@ -147,8 +186,12 @@ class Gateway:
         self.producer: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.ready: asyncio.Event | None = None  # set once the feeds caught up (start())
-        self.api_keys = {k.get_secret_value() for k in self.cfg.api_keys}
-        self.admin_keys = {k.get_secret_value() for k in self.cfg.admin_keys}
+        self.keys = Keyring(self.cfg)
+        self.limits = settings.limits.limits()
+        self._ctx = {"limits": self.limits}
+        self.reserved = frozenset(self.cfg.reserved_metadata_keys) | {"task_type", "operator"}
+        self.task_labels = frozenset(self.cfg.operators)  # task types metrics name; the rest count as OTHER
+        self.shas: dict[str, str] = {}  # adapter -> sha256 its published event carried (checked at load)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.instance = uuid.uuid4().hex  # marks the adapter events this process emits (it skips their echo)
         # the last requests' routed and served adapters (bounded: it is filled on every request)
@@ -184,7 +227,7 @@ class Gateway:
                 self.settings.bootstrap,
             )
             self.ready.set()
-        if not self.api_keys and not self.admin_keys:
+        if self.keys.open:
             log.warning("no API keys configured (TAOFLOW_SERVE_API_KEYS): the gateway accepts every request")
 
     async def close(self) -> None:
@@ -223,7 +266,7 @@ class Gateway:
                         await self._on_record(rec, live)
                     if not live and records and records[-1].offset + 1 >= ends[tp]:
                         pending.discard(tp)
-                if not live and (not pending or all(await self._reached(consumer, tp, ends[tp]) for tp in pending)):
+                if not live and (not pending or all([await self._reached(consumer, tp, ends[tp]) for tp in pending])):
                     live = True
                     await self._catch_up_done()
         except asyncio.CancelledError:
@@ -240,58 +283,109 @@ class Gateway:
         return bool(await consumer.position(tp) >= end)
 
     async def _catch_up_done(self) -> None:
-        """After replay: load the adapters the lifecycle state names, then serve."""
-        r = self.router
-        for name in [n for n in (r.incumbent, r.canary, *(r.history[-1:])) if n]:
-            try:
-                await self.backend.load_adapter(name, str(self.settings.core.adapters_dir / name))
-            except ServingError as exc:
-                log.error("cannot load adapter %s from the lifecycle state: %s", name, exc)
-                r.apply_event("rolled_back", name)
-        self.metrics.adapters.set(len(self.backend.adapters))
-        log.info("gateway routing state: %s", r.state())
+        """After replay: load the adapters the lifecycle state names (rolling back any that fail), then serve."""
+        await self._settle()
+        log.info("gateway routing state: %s", self.router.state())
         assert self.ready is not None
         self.ready.set()
 
+    async def _load(self, name: str) -> str:
+        """Verify `adapters_dir/name` against its manifest (and the published sha256), then load it; its path."""
+        path = adapter_dir(self.settings.core.adapters_dir, name)
+        await asyncio.to_thread(verify_adapter, path, name, self.shas.get(name))
+        await self.backend.load_adapter(name, str(path))
+        self.metrics.adapters.set(len(self.backend.adapters))
+        return str(path)
+
+    async def _refuse(self, name: str, exc: Exception) -> None:
+        """An adapter that cannot be served: out of the routing state, and announced as rolled back."""
+        reason = f"not loadable by the gateway: {type(exc).__name__}: {exc}"
+        log.error("adapter %s %s", name, reason)
+        r = self.router
+        r.apply_event("rolled_back", name)
+        r.history = [h for h in r.history if h != name]  # a later rollback must not land on it either
+        self.metrics.transitions.labels("rolled_back").inc()
+        await self._announce("rolled_back", name, reason=reason[:1000])
+
+    async def _settle(self) -> None:
+        """Make the router point only at loaded adapters: load the incumbent, canary and previous adapter; any that
+        fails is rolled back (the incumbent's predecessor takes over, and is loaded in turn)."""
+        r = self.router
+        while True:
+            name = next((n for n in (r.incumbent, r.canary) if n and n not in self.backend.adapters), None)
+            if name is None:
+                break
+            try:
+                await self._load(name)
+            except Exception as exc:
+                await self._refuse(name, exc)
+        while r.history and r.history[-1] and r.history[-1] not in self.backend.adapters:
+            prev = r.history[-1]
+            assert prev is not None
+            try:
+                await self._load(prev)  # kept loaded so a rollback switches at once
+            except Exception as exc:
+                log.error("previous adapter %s cannot be loaded (%s); a rollback goes further back", prev, exc)
+                r.history.pop()
+
     async def _on_record(self, rec: Any, live: bool) -> None:
+        """Apply one feed record; never raises: one bad record must not stop the feed (later utilities count)."""
         try:
-            doc = orjson.loads(rec.value)
-        except orjson.JSONDecodeError:
-            return
+            await self._apply_record(rec, live)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("record %s[%s]@%s skipped: %s: %s", rec.topic, rec.partition, rec.offset, type(exc).__name__, exc)
+
+    async def _apply_record(self, rec: Any, live: bool) -> None:
         if rec.topic == names.UTILITIES:
+            doc = fast_utility(rec.value, self.limits)
+            if doc is None:
+                u = parse_event(UtilityEvent, rec.value, self.limits)
+                doc = {"task_type": u.task_type, "operator": u.operator, "utility": u.utility, "n": u.n}
             self.router.update_utility(doc["task_type"], doc["operator"], doc["utility"], doc["n"])
             if live:
                 decision = self.router.decide()
                 if decision is not None:
                     await self._apply_decision(decision)
             return
-        action, name = doc.get("action"), doc.get("adapter")
-        if live and (doc.get("metadata") or {}).get("gateway") == self.instance:
+        ev = parse_event(AdapterEvent, rec.value, self.limits)
+        name = ev.adapter
+        if not ADAPTER_NAME.fullmatch(name):
+            log.warning("adapter event at %s@%d names %r, not a valid adapter name: skipped", rec.topic, rec.offset,
+                        name[:80])  # fmt: skip
+            return
+        if live and ev.metadata.get("gateway") == self.instance:
             return  # our own decision coming back: already applied (a late echo must not undo a later one)
-        if action not in ("published", "promoted", "rolled_back") or not name:
+        if ev.action not in ("published", "promoted", "rolled_back"):
             return
+        if ev.action == "published" and ev.sha256:
+            self.shas[name] = ev.sha256
+        if ev.path is not None and ev.path != str(self.settings.core.adapters_dir / name):
+            log.warning("adapter %s: the event's path %r is ignored; it loads from %s", name, ev.path[:200],
+                        self.settings.core.adapters_dir / name)  # fmt: skip
         if not live:
-            self.router.apply_event(action, name)
+            self.router.apply_event(ev.action, name)
             return
-        if action == "published" and name not in self.backend.adapters and name != self.router.incumbent:
-            path = doc.get("path") or str(self.settings.core.adapters_dir / name)
+        if ev.action == "published" and name not in self.backend.adapters and name != self.router.incumbent:
             try:
-                await self.backend.load_adapter(name, path)
-            except ServingError as exc:
-                log.error("published adapter %s could not be loaded: %s", name, exc)
+                path = await self._load(name)
+            except Exception as exc:
+                await self._refuse(name, exc)
                 return
             self.router.apply_event("published", name)
-            self.metrics.adapters.set(len(self.backend.adapters))
             await self._announce("loaded", name, path=path)
             await self._announce("canary", name, path=path, reason="published by the learner; serving as canary")
         else:
-            self.router.apply_event(action, name)
+            self.router.apply_event(ev.action, name)
+            await self._settle()  # e.g. another replica promoted an adapter this one has not loaded yet
 
     async def _apply_decision(self, d: Decision) -> None:
         self.metrics.transitions.labels(d.action).inc()
         log.info("adapter %s %s: %s", d.adapter, d.action, d.reason)
         await self._announce(d.action, d.adapter, reason=d.reason, metrics=d.metrics)
         if d.action == "rolled_back":
+            await self._settle()  # the predecessor it falls back to must be loaded
             self.tasks.append(asyncio.create_task(self._unload(d.adapter)))
 
     async def _unload(self, name: str) -> None:
@@ -299,14 +393,11 @@ class Gateway:
         self.metrics.adapters.set(len(self.backend.adapters))
         await self._announce("unloaded", name)
 
-    async def _announce(self, action: str, name: str, **fields: Any) -> None:
+    async def _announce(self, action: AdapterAction, name: str, **fields: Any) -> None:
         event = AdapterEvent(
-            adapter=name,
-            action=action,
-            base_model=self.backend.base_model,
-            metadata={"gateway": self.instance},
+            adapter=name, action=action, base_model=self.backend.base_model, metadata={"gateway": self.instance},
             **fields,
-        )  # type: ignore[arg-type]
+        )  # fmt: skip
         if self.producer is None:
             return
         try:
@@ -316,16 +407,11 @@ class Gateway:
 
     # -- request handling -----------------------------------------------------------------------------------
 
-    def check_auth(self, authorization: str | None, admin: bool = False) -> str | None:
-        keys = self.admin_keys if admin else self.api_keys | self.admin_keys
-        if not keys:
-            if admin:
-                raise AuthError("admin endpoints need TAOFLOW_SERVE_ADMIN_KEYS", status=403, code="admin_disabled")
-            return None
-        token = (authorization or "").removeprefix("Bearer ").strip()
-        if not token or not any(hmac.compare_digest(token, k) for k in keys):
-            raise AuthError("invalid or missing API key (Authorization: Bearer <key>)")
-        return token
+    @staticmethod
+    def principal(request: Request) -> Principal:
+        """The caller the guard authenticated (the no-auth principal when it checked nothing)."""
+        p: Principal = request.scope.get(PRINCIPAL, OPEN)
+        return p
 
     def resolve_model(self, model: str) -> tuple[bool, str | None]:
         """(routed, forced adapter): the routed name, an adapter by name, or the base model."""
@@ -371,10 +457,16 @@ class Gateway:
         stream: bool,
         metadata: dict[str, Any] | None,
         served: str | None,
+        principal: Principal = OPEN,
+        forced: bool = False,
     ) -> None:
         """Record a finished request: the audit of routed vs served adapter, and its InteractionEvent."""
         self.audit.append({"iid": iid, "routed": op.adapter, "served": served, "text": gen.text})
-        meta = {k: v for k, v in (metadata or {}).items() if k not in ("task_type", "operator")}
+        drop = {"task_type", "operator"} if principal.trusted else self.reserved
+        meta = {k: v for k, v in (metadata or {}).items() if k not in drop}
+        if agent is not None and not principal.trusted:
+            meta["client_agent"] = agent  # what the client said, kept apart from the agent id it cannot vouch for
+            agent = None
         meta.update(
             model=model,
             endpoint=endpoint,
@@ -384,17 +476,20 @@ class Gateway:
             finish_reason=gen.finish_reason,
         )
         try:
-            self.emitter.emit_interaction(
-                task_type=task_type,
-                operator=op.name,
-                prompt=prompt,
-                response=gen.text,
-                adapter=op.adapter,
-                latency_ms=latency_ms,
-                metadata=meta,
-                event_id=iid,
-                agent_id=agent or self.cfg.agent_id,
-            )
+            data = {
+                "event_id": iid,
+                "agent_id": agent or self.cfg.agent_id,
+                "task_type": task_type,
+                "operator": op.name,
+                "prompt": prompt,
+                "response": gen.text,
+                "adapter": op.adapter,
+                "latency_ms": latency_ms,
+                "metadata": meta,
+                "caller": principal.caller,
+                "forced": forced,
+            }
+            self.emitter.emit(InteractionEvent.model_validate(data, context=self._ctx))
         except Exception:
             self.metrics.capture_errors.inc()
             log.exception("interaction %s not captured", iid)
@@ -416,7 +511,9 @@ def build_app(gateway: Gateway) -> Any:
 
     def error(exc: ServingError) -> JSONResponse:
         body = {"error": {"message": str(exc), "type": exc.type, "param": None, "code": exc.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if isinstance(exc, RateLimited):
+            headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
         return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(ServingError)
@@ -428,24 +525,8 @@ def build_app(gateway: Gateway) -> Any:
         log.exception("unexpected error on %s", request.url.path)
         return error(ServingError(f"internal error: {type(exc).__name__}"))
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Any:
-        t0 = time.perf_counter()
-        endpoint = request.url.path
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > gw.cfg.max_request_bytes:
-            response = error(
-                BadRequest(
-                    f"request body of {size} bytes exceeds the limit of {gw.cfg.max_request_bytes}",
-                    status=413,
-                    code="request_too_large",
-                )
-            )
-        else:
-            response = await call_next(request)
-        gw.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        gw.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
+    # authentication, rate limits and size caps before any body is read; metrics by route template
+    app.add_middleware(Guard, gateway=gw)
 
     async def body_of(request: Request, model: type[BaseModel]) -> Any:
         raw = b""
@@ -474,18 +555,11 @@ def build_app(gateway: Gateway) -> Any:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
+        # public, so it says only up or down; routing state and adapters are in /admin/state
         ok = await gw.backend.health()
-        body = {
-            "status": "ok" if ok else "backend_down",
-            "backend": gw.backend.name,
-            "base_model": gw.backend.base_model,
-            "adapters": sorted(gw.backend.adapters),
-            "routing": gw.router.state(),
-            "kafka": bool(gw.kafka),
-        }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "backend_down"}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics")  # admin or metrics key (the guard); open only in the no-auth mode
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -493,7 +567,6 @@ def build_app(gateway: Gateway) -> Any:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        gw.check_auth(request.headers.get("authorization"))
         now = int(time.time())
         return JSONResponse(
             {
@@ -502,20 +575,27 @@ def build_app(gateway: Gateway) -> Any:
             }
         )
 
-    def route(request: Request, req: Any) -> tuple[str, Operator]:
+    def route(request: Request, req: Any) -> tuple[str, Operator, bool]:
+        """(task type, operator, forced): forced when the client chose the operator or the adapter itself."""
         meta = req.metadata or {}
-        task_type = request.headers.get(TASK_HEADER) or str(meta.get("task_type") or "default")
+        task_type = _label(request.headers.get(TASK_HEADER) or str(meta.get("task_type") or "default"), "task type")
         forced_op = request.headers.get(OPERATOR_HEADER) or meta.get("operator")
+        if forced_op is not None:
+            forced_op = str(forced_op)
+            target = forced_op.partition("@")[2]
+            if target and target != BASE and target not in gw.backend.adapters:
+                raise BadRequest(f"adapter {target[:80]!r} is not loaded", status=404, code="model_not_found")
         if req.n != 1:
             raise BadRequest("only n = 1 is supported", code="unsupported_parameter")
         routed, adapter = gw.resolve_model(req.model)
         op = gw.router.choose(task_type, operator=forced_op, adapter=None if routed else adapter)
-        gw.metrics.operator.labels(task_type, op.name).inc()
-        return task_type, op
+        label = task_type if task_type in gw.task_labels else OTHER
+        gw.metrics.operator.labels(label, op.name).inc()
+        return task_type, op, forced_op is not None or not routed
 
     async def serve(request: Request, req: Any, endpoint: str) -> Any:
-        gw.check_auth(request.headers.get("authorization"))
-        task_type, op = route(request, req)
+        principal = gw.principal(request)
+        task_type, op, forced = route(request, req)
         chat = endpoint == "chat"
         messages = (
             [
@@ -542,6 +622,8 @@ def build_app(gateway: Gateway) -> Any:
         )
         iid = str(uuid.uuid4())
         agent = request.headers.get(AGENT_HEADER)
+        if agent is not None:
+            _label(agent, "agent id")
         original = messages if chat else req.prompt
         headers = {
             ID_HEADER: iid,
@@ -555,7 +637,7 @@ def build_app(gateway: Gateway) -> Any:
         t0 = time.perf_counter()
         if req.stream:
             return StreamingResponse(
-                stream(gen_req, op, iid, created, req, chat, extra, original, task_type, agent, t0),
+                stream(gen_req, op, iid, created, req, chat, extra, original, task_type, agent, t0, principal, forced),
                 media_type="text/event-stream",
                 headers=headers,
             )
@@ -577,6 +659,8 @@ def build_app(gateway: Gateway) -> Any:
             stream=False,
             metadata=req.metadata,
             served=gen_req.served,
+            principal=principal,
+            forced=forced,
         )
         usage = {
             "prompt_tokens": gen.prompt_tokens,
@@ -624,6 +708,8 @@ def build_app(gateway: Gateway) -> Any:
         task_type: str,
         agent: str | None,
         t0: float,
+        principal: Principal,
+        forced: bool,
     ) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         cid = f"chatcmpl-{iid}" if chat else f"cmpl-{iid}"
@@ -670,6 +756,8 @@ def build_app(gateway: Gateway) -> Any:
             stream=True,
             metadata=req.metadata,
             served=gen_req.served,
+            principal=principal,
+            forced=forced,
         )
 
     @app.post("/v1/chat/completions")
@@ -682,25 +770,27 @@ def build_app(gateway: Gateway) -> Any:
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> JSONResponse:
-        gw.check_auth(request.headers.get("authorization"))
         fb = await body_of(request, FeedbackRequest)
-        from schemas.exceptions import EventValidationError
-
+        data = {"interaction_id": fb.interaction_id, "kind": fb.kind, "value": fb.value, "metadata": fb.metadata,
+                # the stream scores it only for interactions the same caller captured (None: admin, trusted)
+                "caller": gw.principal(request).caller}  # fmt: skip
         try:
-            eid = gw.emitter.emit_feedback(
-                interaction_id=fb.interaction_id, kind=fb.kind, value=fb.value, metadata=fb.metadata
-            )
-        except EventValidationError as exc:
-            raise BadRequest(str(exc), code="invalid_feedback") from None
+            event = FeedbackEvent.model_validate(data, context=gw._ctx)
+        except ValidationError as exc:
+            raise BadRequest(format_errors(FeedbackEvent, exc), code="invalid_feedback") from None
+        eid = gw.emitter.emit(event)
         return JSONResponse(
             {"event_id": eid, "interaction_id": fb.interaction_id, "status": "accepted"}, status_code=202
         )
 
     @app.get("/admin/state")
     async def admin_state(request: Request) -> JSONResponse:
-        gw.check_auth(request.headers.get("authorization"), admin=True)
         return JSONResponse(
             {
+                "status": "ok" if await gw.backend.health() else "backend_down",
+                "backend": gw.backend.name,
+                "base_model": gw.backend.base_model,
+                "kafka": bool(gw.kafka),
                 "routing": gw.router.state(),
                 "adapters": gw.backend.adapters,
                 "utilities": [
@@ -712,7 +802,6 @@ def build_app(gateway: Gateway) -> Any:
 
     @app.post("/admin/adapters/{name}/rollback")
     async def admin_rollback(name: str, request: Request) -> JSONResponse:
-        gw.check_auth(request.headers.get("authorization"), admin=True)
         r = gw.router
         if name not in (r.canary, r.incumbent):
             raise BadRequest(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from learners.actr import select_operator
 from taoflow.settings import OperatorSpec
@@ -34,7 +34,7 @@ class Operator:
 
 @dataclass
 class Decision:
-    action: str  # "promoted" | "rolled_back"
+    action: Literal["promoted", "rolled_back"]
     adapter: str
     reason: str
     metrics: dict[str, float] = field(default_factory=dict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 
+from serving.auth import check_exposure
 from serving.backends import build_backend
 from serving.exceptions import ServingError
 from serving.gateway import Gateway, build_app
@@ -18,6 +19,7 @@ def run_server(settings: Settings) -> None:
     import uvicorn
 
     cfg = settings.serve
+    check_exposure(cfg)  # placeholder keys, or no keys on a reachable address: refuse before loading anything
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -39,20 +39,30 @@ def expire(ctx: Any, out: Outbox, assigned: set[tuple[str, int]], now: float | N
         if parked.get("w", min((i[2] for i in items), default=now)) >= horizon or not owned(names.FEEDBACK, iid):
             continue
         for item in items:
-            if len(item) == 6:
-                _, _, _, partition, offset, raw = item
-                where = ""
-            else:  # parked by an earlier version, which kept no origin
-                partition, offset, raw, where = 0, 0, "", " (origin not recorded)"
             reason = (
                 f"feedback for interaction {iid!r}: no such interaction arrived within the join TTL "
-                f"({ctx.cfg.join_ttl_s:.0f}s){where}"
+                f"({ctx.cfg.join_ttl_s:.0f}s)"
             )
-            dl = DeadLetter.of(names.FEEDBACK, partition, offset, raw.encode(), reason)
-            out.add(ctx.topics.dead_letters.get_topic_name(), None, dl.to_json_bytes())
+            dead_letter_parked(ctx, out, item, reason, count=False)
             counts["expired_feedback"] += 1
         out.put_table(ctx.pending_feedback, iid, None)
     for name, n in counts.items():
         if n:
             ctx.count(name, n)
     return counts
+
+
+def dead_letter_parked(ctx: Any, out: Outbox, item: list[Any], reason: str, count: bool = True) -> None:
+    """Queue a parked feedback item for the dead letters: its original bytes and origin, and why.
+
+    An item is `[kind, value, ts, partition, offset, raw, caller]`; earlier versions kept the first six, or only
+    the first three (no origin)."""
+    if len(item) >= 6:
+        partition, offset, raw = item[3:6]
+        where = ""
+    else:
+        partition, offset, raw, where = 0, 0, "", " (origin not recorded)"
+    dl = DeadLetter.of(names.FEEDBACK, partition, offset, raw.encode(), reason + where)
+    out.add(ctx.topics.dead_letters.get_topic_name(), None, dl.to_json_bytes())
+    if count:
+        ctx.count("dead_letters")

@@ -7,8 +7,9 @@ from typing import Any
 
 from schemas import InteractionEvent, prompt_text
 from streams.app import WorkerContext
+from streams.expiry import dead_letter_parked
 from streams.outbox import Outbox, table_rows
-from streams.scoring import new_state, position, replay_first_score, score
+from streams.scoring import apply_feedback, new_state, position, refusal, replay_first_score, score
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,24 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
             else:
                 ctx.count("duplicate_interactions")  # the same event id in another message: the first one counts
             continue
-        state = new_state(ev.task_type, ev.operator, ev.adapter, ev.ts.timestamp(), p, src, msg.offset)
+        state = new_state(ev.task_type, ev.operator, ev.adapter, ev.ts.timestamp(), p, src, msg.offset,
+                          caller=ev.caller, forced=ev.forced)  # fmt: skip
         score(ctx, out, iid, state, state["ts"], src, position(msg.offset))
         parked = pending.get(iid)
         if parked:
-            for sub, (kind, value, ts, *_) in enumerate(parked["items"], start=1):
-                state["f"][kind] = value
-                score(ctx, out, iid, state, max(ts, state["ts"]), src, position(msg.offset, sub))
+            # their event ids count as seen: a redelivery of a parked feedback (its offset not yet committed when
+            # the partition moved) must not re-score the interaction a second time
+            seen = state.setdefault("fid", [])
+            seen.extend(i for i in parked.get("ids", []) if i not in seen)
+            for sub, item in enumerate(parked["items"], start=1):
+                kind, value, ts = item[:3]
+                # parked by an earlier version (no caller kept): that version had no callers, so it was trusted
+                reason = refusal(iid, item[6] if len(item) > 6 else None, state)
+                if reason is not None:
+                    dead_letter_parked(ctx, out, item, reason)
+                    ctx.count("feedback_refused")
+                    continue
+                apply_feedback(ctx, out, iid, state, kind, value, max(ts, state["ts"]), src, position(msg.offset, sub))
             out.put_table(ctx.pending_feedback, iid, None)
         out.put_table(ctx.interactions, iid, state)
         ctx.count("interactions")

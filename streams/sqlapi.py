@@ -3,41 +3,52 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from streams.exceptions import QueryError
+from streams.sqlguard import QueryLimits, lock_down, read_cursor, readable_dir
+from streams.sqlguard import run as guarded_run
 from taoflow.settings import Settings
 
-_READ_ONLY_TYPES = {"SELECT", "EXPLAIN", "PRAGMA", "SET"}
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = "sql.token"  # beside lander.json; the lander's SQL endpoint wants it as a bearer token
 
 
-def run_query(con: Any, sql: str) -> dict[str, Any]:
-    """Run read-only statements on a cursor of `con`; the last one's result as {columns, rows} or {error}."""
-    import duckdb
+def write_token(data_dir: Path) -> str:
+    """A fresh random token for the SQL endpoint, written readable by this user only."""
+    token = secrets.token_urlsafe(32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / (TOKEN_FILE + ".tmp")
+    tmp.unlink(missing_ok=True)
+    # created 0600 from the start: a chmod after writing would leave a moment where others can read it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    os.replace(tmp, data_dir / TOKEN_FILE)
+    return token
 
-    cur = con.cursor()
+
+def read_token(data_dir: Path) -> str | None:
     try:
-        statements = cur.extract_statements(sql)
-        if not statements:
-            return {"error": "empty query"}
-        for st in statements:
-            kind = str(st.type).rsplit(".", 1)[-1]
-            if kind not in _READ_ONLY_TYPES:
-                return {"error": f"only read-only statements are allowed here, not {kind}"}
-        for st in statements[:-1]:
-            cur.execute(st)
-        cur.execute(statements[-1])
-        columns = [d[0] for d in cur.description or []]
-        return {"columns": columns, "rows": [list(r) for r in cur.fetchall()]}
-    except duckdb.Error as exc:
-        return {"error": str(exc).splitlines()[0]}
+        return (data_dir / TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def run_query(con: Any, sql: str, limits: QueryLimits | None = None) -> dict[str, Any]:
+    """Run one read-only SELECT on a new cursor of `con` (an instance not locked yet) under `sqlguard`'s rules;
+    {columns, rows} or {error}."""
+    cur = read_cursor(con)
+    try:
+        return guarded_run(cur, sql, limits or QueryLimits())
     finally:
         cur.close()
 
@@ -66,6 +77,7 @@ def _pid_alive(pid: int) -> bool:
 def query(sql: str, settings: Settings | None = None, timeout: float = 60.0) -> QueryResult:
     """Run SQL over the outcome tables, also while ingestion runs (no lock errors, worker keeps going)."""
     settings = settings or Settings()
+    limits = QueryLimits.from_settings(settings.stream)
     owner = settings.core.data_dir / "lander.json"
     info: dict[str, Any] | None = None
     try:
@@ -75,19 +87,22 @@ def query(sql: str, settings: Settings | None = None, timeout: float = 60.0) -> 
     # a lander in this machine's process space is checked by pid; one in another container (shared volume,
     # advertised host) is simply asked
     if info and (not info.get("local", True) or _pid_alive(int(info.get("pid", -1)))):
-        req = urllib.request.Request(
-            info["url"] + "/sql", data=json.dumps({"sql": sql}).encode(), headers={"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json"}
+        token = read_token(settings.core.data_dir)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(info["url"] + "/sql", data=json.dumps({"sql": sql}).encode(), headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            # the server stops a query at sql_timeout_s; wait a little longer to read its answer
+            with urllib.request.urlopen(req, timeout=max(timeout, settings.stream.sql_timeout_s + 5)) as resp:
                 result = json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             result = json.loads(exc.read() or b"{}")
         except (urllib.error.URLError, OSError):
             # a lander killed without cleaning up leaves its address behind: read the file instead
-            return _query_file(settings.core.duckdb_path, sql, settings.stream.parquet_url)
+            return _query_file(settings.core.duckdb_path, sql, settings.stream.parquet_url, limits)
         return _result(result)
-    return _query_file(settings.core.duckdb_path, sql, settings.stream.parquet_url)
+    return _query_file(settings.core.duckdb_path, sql, settings.stream.parquet_url, limits)
 
 
 def _ensure_views(path: Path) -> None:
@@ -156,27 +171,47 @@ def _lake_connection(path: Path, url: str) -> Any:
     return con
 
 
-def _query_file(path: Path, sql: str, parquet_url: str | None = None) -> QueryResult:
+def _query_file(path: Path, sql: str, parquet_url: str | None = None, limits: QueryLimits | None = None) -> QueryResult:
+    """Answer from the file (no lander runs) on a connection locked down like the lander's: one read-only
+    SELECT, no file or network access except the lake, no setting changes, a timeout."""
     import duckdb
 
+    limits = limits or QueryLimits()
     if parquet_url:
         con = _lake_connection(path, parquet_url)
+        readable = [readable_dir(parquet_url)]
+        if "://" in parquet_url and not parquet_url.startswith("file://"):
+            load_httpfs(con)  # autoloading is off once locked
+    else:
+        if not path.exists():
+            raise QueryError(f"no outcome database at {path}; start `taoflow worker` (or `taoflow up`) first")
+        _ensure_views(path)
         try:
-            return _result(orjson.loads(orjson.dumps(run_query(con, sql), default=str)))
-        finally:
-            con.close()
-    if not path.exists():
-        raise QueryError(f"no outcome database at {path}; start `taoflow worker` (or `taoflow up`) first")
-    _ensure_views(path)
+            con = duckdb.connect(str(path), read_only=True)
+        except duckdb.IOException as exc:
+            raise QueryError(f"{path} is held by a process that serves no SQL endpoint: {exc}") from None
+        readable = []
     try:
-        con = duckdb.connect(str(path), read_only=True)
-    except duckdb.IOException as exc:
-        raise QueryError(f"{path} is held by a process that serves no SQL endpoint: {exc}") from None
-    try:
+        cur = read_cursor(con)
+        lock_down(con, readable)
         # the same JSON-safe values the lander's endpoint returns, whichever path answered
-        return _result(orjson.loads(orjson.dumps(run_query(con, sql), default=str)))
+        return _result(guarded_run(cur, sql, limits))
     finally:
         con.close()
+
+
+def load_httpfs(con: Any) -> None:
+    """Load the object-store reader now: once the connection is locked, DuckDB no longer loads it on demand."""
+    import duckdb
+
+    try:
+        con.execute("LOAD httpfs")
+    except duckdb.Error:
+        try:
+            con.execute("INSTALL httpfs")
+            con.execute("LOAD httpfs")
+        except duckdb.Error as exc:
+            log.warning("cannot load DuckDB's httpfs extension, so the lake views cannot be read: %s", exc)
 
 
 def _result(result: dict[str, Any]) -> QueryResult:

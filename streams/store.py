@@ -27,7 +27,10 @@ CREATE TABLE IF NOT EXISTS interactions (
     metadata JSON,
     kafka_partition INTEGER,
     kafka_offset BIGINT,
-    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    -- added after the first release: last, and nullable, as MIGRATIONS adds them to an existing file
+    caller VARCHAR,                   -- hash of the gateway API key that captured it; NULL: a trusted producer
+    forced BOOLEAN DEFAULT false      -- the client forced the operator/adapter: never counted in utilities
 );
 CREATE TABLE IF NOT EXISTS feedback (
     event_id VARCHAR PRIMARY KEY,
@@ -36,7 +39,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     kind VARCHAR NOT NULL,
     value DOUBLE NOT NULL,
     metadata JSON,
-    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    caller VARCHAR                    -- who sent it (as on interactions); another caller's feedback is dead-lettered
 );
 CREATE TABLE IF NOT EXISTS scores (
     interaction_id VARCHAR NOT NULL,
@@ -125,6 +129,15 @@ CREATE TABLE IF NOT EXISTS adapters (
 );
 """
 
+# Columns added since a table was first created, for files made by an earlier version (each statement a no-op on a
+# current file). DuckDB cannot add a NOT NULL column this way, hence nullable columns, placed last in the DDL too
+# so that new and migrated files have the same column order.
+MIGRATIONS = """
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS caller VARCHAR;
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS forced BOOLEAN DEFAULT false;
+ALTER TABLE feedback ADD COLUMN IF NOT EXISTS caller VARCHAR;
+"""
+
 # Views: what users query to see whether the loop improves (README, "Watching the loop").
 VIEWS = """
 CREATE OR REPLACE VIEW final_scores AS  -- each interaction's latest revision (most have only revision 0)
@@ -197,9 +210,9 @@ FROM good FULL JOIN bad USING (source_topic) ORDER BY source_topic;
 COLUMNS: dict[str, tuple[str, ...]] = {
     "interactions": (
         "event_id", "ts", "agent_id", "task_type", "operator", "prompt", "prompt_is_chat", "prompt_hash",
-        "response", "adapter", "latency_ms", "metadata", "kafka_partition", "kafka_offset",
+        "response", "adapter", "latency_ms", "metadata", "kafka_partition", "kafka_offset", "caller", "forced",
     ),
-    "feedback": ("event_id", "interaction_id", "ts", "kind", "value", "metadata"),
+    "feedback": ("event_id", "interaction_id", "ts", "kind", "value", "metadata", "caller"),
     "scores": ("interaction_id", "revision", "ts", "task_type", "operator", "adapter", "reward", "parts"),
     "utility_history": ("task_type", "operator", "n", "utility", "last_reward", "ts"),
     "utilities": ("task_type", "operator", "utility", "n", "last_reward", "ts"),
@@ -214,6 +227,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "adapters": ("adapter", "action", "ts", "base_model", "path", "round_id", "sha256", "metrics", "reason"),
 }  # fmt: skip
+# columns a batch may leave out (added after other writers of these tables existed): they take their DDL default
+OPTIONAL: dict[str, frozenset[str]] = {
+    "interactions": frozenset({"caller", "forced"}),
+    "feedback": frozenset({"caller"}),
+}
 KEYS: dict[str, tuple[str, ...]] = {
     "interactions": ("event_id",),
     "feedback": ("event_id",),
@@ -254,28 +272,35 @@ def record_values(table: str, row: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def connect(path: Path, read_only: bool = False) -> Any:
-    """Open the outcome database (creating tables when writable)."""
+    """Open the outcome database (creating tables, or adding the columns an older file lacks, when writable)."""
     import duckdb
 
     path.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(path), read_only=read_only)
     if not read_only:
         con.execute(DDL)
+        con.execute(MIGRATIONS)
         con.execute(VIEWS)
     return con
 
 
-def dedupe_last(rows: dict[str, list[Any]], key: tuple[str, ...]) -> dict[str, list[Any]]:
-    """Keep the last row per key (a batch may hold a redelivered event twice).
+def dedupe(rows: dict[str, list[Any]], key: tuple[str, ...], first: bool = True) -> dict[str, list[Any]]:
+    """Keep one row per key: the first (event tables: the first copy of an event id wins, as in the worker and
+    across batches, where a later copy is ignored), or the last (upserted tables, whose later rows are newer).
 
-    >>> dedupe_last({"k": ["a", "b", "a"], "v": [1, 2, 3]}, ("k",))
+    >>> dedupe({"k": ["a", "b", "a"], "v": [1, 2, 3]}, ("k",))
+    {'k': ['a', 'b'], 'v': [1, 2]}
+    >>> dedupe({"k": ["a", "b", "a"], "v": [1, 2, 3]}, ("k",), first=False)
     {'k': ['b', 'a'], 'v': [2, 3]}
     """
     keys = list(zip(*(rows[k] for k in key), strict=True))
-    last = {k: i for i, k in enumerate(keys)}
-    if len(last) == len(keys):
+    chosen: dict[Any, int] = {}
+    for i, k in enumerate(keys):
+        if not first or k not in chosen:
+            chosen[k] = i
+    if len(chosen) == len(keys):
         return rows
-    keep = sorted(last.values())
+    keep = sorted(chosen.values())
     return {col: [vals[i] for i in keep] for col, vals in rows.items()}
 
 
@@ -287,17 +312,23 @@ def insert(con: Any, table: str, rows: dict[str, list[Any]]) -> int:
     """
     if not rows or not next(iter(rows.values())):
         return 0
-    rows = dedupe_last(rows, KEYS[table])
-    cols = COLUMNS[table]
-    batch = pa.table({c: rows[c] for c in cols})  # noqa: F841 - read by DuckDB's replacement scan below
+    rows = dedupe(rows, KEYS[table], first=table not in UPSERT_BY)
+    optional = OPTIONAL.get(table, frozenset())
+    cols = tuple(c for c in COLUMNS[table] if c in rows or c not in optional)
+    # registered, not found by name: the lander's connection has external access off, which disables DuckDB's
+    # replacement scans of Python variables
+    con.register("batch", pa.table({c: rows[c] for c in cols}))
     names = ", ".join(cols)
-    if table in UPSERT_BY:
-        sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in KEYS[table])
-        version = UPSERT_BY[table]
-        con.execute(
-            f"INSERT INTO {table} ({names}) SELECT {names} FROM batch "
-            f"ON CONFLICT ({', '.join(KEYS[table])}) DO UPDATE SET {sets} WHERE excluded.{version} > {table}.{version}"
-        )
-    else:
-        con.execute(f"INSERT OR IGNORE INTO {table} ({names}) SELECT {names} FROM batch")
+    try:
+        if table in UPSERT_BY:
+            sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in KEYS[table])
+            version = UPSERT_BY[table]
+            con.execute(
+                f"INSERT INTO {table} ({names}) SELECT {names} FROM batch ON CONFLICT ({', '.join(KEYS[table])}) "
+                f"DO UPDATE SET {sets} WHERE excluded.{version} > {table}.{version}"
+            )
+        else:
+            con.execute(f"INSERT OR IGNORE INTO {table} ({names}) SELECT {names} FROM batch")
+    finally:
+        con.unregister("batch")
     return len(rows[cols[0]])

@@ -82,7 +82,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         registry.register(CountersCollector("taoflow_worker_events", "Events the stream processors handled, by kind "
                                             "(interactions, feedback, scores, utility_updates, dead_letters, ...)",
                                             "kind", lambda: dict(ctx.counters)))  # fmt: skip
-        serve_metrics(settings.stream.metrics_port, registry, "worker")
+        serve_metrics(settings.stream.metrics_port, registry, "worker", settings.core.metrics_host)
     # the join tables hold a dict per interaction: with the default thresholds the collector walks them over and
     # over, and its pauses showed up as tail latency; objects made at start-up are frozen out of its sight
     import gc

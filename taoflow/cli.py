@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -395,12 +396,30 @@ def schemas_export(directory: Path) -> None:
         click.echo(str(p))
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^/\s]*@")  # password up to the last @
+
+
+def _mask_urls(value: Any) -> Any:
+    """Passwords inside URLs (`s3://user:pass@host`, `postgresql://u:p@h/db`) masked like SecretStr values.
+
+    >>> _mask_urls({"url": "http://u:p@h/x", "n": 1})
+    {'url': 'http://u:**********@h/x', 'n': 1}
+    """
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<head>:**********@", value)
+    if isinstance(value, dict):
+        return {k: _mask_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_urls(v) for v in value]
+    return value
+
+
 @cli.command("config")
 @click.option("--format", "fmt", type=click.Choice(["json", "env"]), default="json", show_default=True)
 def config_show(fmt: str) -> None:
     """Print the effective settings, secrets masked."""
     settings = _settings()
-    data = settings.masked()
+    data = _mask_urls(settings.masked())
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
         return

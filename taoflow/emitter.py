@@ -14,7 +14,7 @@ from schemas.base import EventModel, Limits
 from schemas.feedback import FeedbackEvent, FeedbackKind
 from schemas.interactions import ChatMessage, InteractionEvent
 from taoflow.broker import reachable
-from taoflow.exceptions import SpoolFullError
+from taoflow.exceptions import SpoolError, SpoolFullError
 from taoflow.settings import Settings
 from taoflow.spool import Record, Spool
 
@@ -80,6 +80,7 @@ class Emitter:
         self._closing = False
         self._closed = False
         self._spool_full = False  # set when the spool refused a record; cleared once it shrinks
+        self._count_lost_in_spool()
         if self._spool_records:
             log.info("spool %s holds %d undelivered events; delivering them first", directory, self._spool_records)
         self._thread = threading.Thread(target=self._run, name="taoflow-emitter", daemon=True)
@@ -237,6 +238,11 @@ class Emitter:
             total = self._dropped
         log.warning("dropped %d events: %s (dropped so far: %d)", n, why, total)
 
+    def _count_lost_in_spool(self) -> None:
+        lost = self._spool.take_lost()
+        if lost:
+            self._count_dropped(lost, f"damaged records in spool {self._spool.dir} (kept in its *.corrupt files)")
+
     def _connect(self) -> bool:
         if self._producer is not None:
             return True
@@ -305,13 +311,23 @@ class Emitter:
     def _spool_batch(self, records: list[Record]) -> None:
         if not records:
             return
-        written = self._spool.append(records)
-        while written < len(records) and self.cfg.on_full == "drop_oldest" and len(self._spool):
-            lost = self._spool.drop_oldest()
+        written = 0
+        try:
+            written = self._spool.append(records)
+            while written < len(records) and self.cfg.on_full == "drop_oldest" and len(self._spool):
+                lost = self._spool.drop_oldest()
+                with self._lock:
+                    self._spool_records -= lost
+                self._count_dropped(lost, "spool full, oldest segment discarded (drop_oldest)")
+                written += self._spool.append(records[written:])
+        except SpoolError as exc:
+            # disk full or failing: the spool cut the partial write back out, so what it holds stays readable;
+            # this batch is lost, and the next one tries again (space may be back by then)
             with self._lock:
-                self._spool_records -= lost
-            self._count_dropped(lost, "spool full, oldest segment discarded (drop_oldest)")
-            written += self._spool.append(records[written:])
+                self._spooled += written
+                self._spool_records += written
+            self._count_dropped(len(records) - written, str(exc))
+            return
         with self._lock:
             self._spooled += written
             self._spool_records += written
@@ -326,9 +342,12 @@ class Emitter:
         if head is None:
             return True
         seg, records = head
+        self._count_lost_in_spool()  # damage found on this read
         if not records:  # fully acknowledged already; only the file is left
             self._spool.drop_oldest()
-            return len(self._spool) == 0
+            with self._lock:
+                self._spool_records = len(self._spool)  # damage found on this read may have emptied it
+            return self._spool_records == 0
         with self._lock:
             self._inflight += len(records)
         prefix, failed = self._send(records)

@@ -28,13 +28,13 @@ class CountersCollector:
         yield family
 
 
-def serve_metrics(port: int, registry: Any, what: str) -> None:
-    """Start the HTTP exporter on `port` (all interfaces' loopback only: 127.0.0.1)."""
+def serve_metrics(port: int, registry: Any, what: str, host: str = "127.0.0.1") -> None:
+    """Start the HTTP exporter on `host:port` (`TAOFLOW_METRICS_HOST`: loopback unless a scraper elsewhere needs it)."""
     from prometheus_client import start_http_server
 
     try:
-        start_http_server(port, addr="127.0.0.1", registry=registry)
+        start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        log.error("%s metrics: cannot listen on 127.0.0.1:%d (%s); metrics are off", what, port, exc.strerror)
+        log.error("%s metrics: cannot listen on %s:%d (%s); metrics are off", what, host, port, exc.strerror)
         return
-    log.info("%s metrics on http://127.0.0.1:%d/metrics", what, port)
+    log.info("%s metrics on http://%s:%d/metrics", what, host, port)

@@ -87,6 +87,11 @@ class CoreSettings(_Component):
     data_dir: Path = Path(".taoflow")
     base_model: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address the worker's and the learner's Prometheus /metrics bind (0.0.0.0 in a pod a "
+        "NetworkPolicy guards, so the scraper reaches the declared port)",
+    )
 
     @property
     def duckdb_path(self) -> Path:
@@ -157,6 +162,8 @@ class LimitsSettings(_Component):
     max_response_bytes: int = Limits.max_response_bytes
     max_metadata_bytes: int = Limits.max_metadata_bytes
     max_event_bytes: int = Limits.max_event_bytes
+    max_ts_age_s: float = Field(default=Limits.max_ts_age_s, gt=0, description="oldest event timestamp accepted")
+    max_ts_ahead_s: float = Field(default=Limits.max_ts_ahead_s, ge=0, description="farthest future timestamp accepted")
 
     def limits(self) -> Limits:
         return Limits(**self.model_dump())
@@ -196,6 +203,11 @@ class StreamSettings(_Component):
     sql_advertise: str | None = Field(
         default=None, description="host other containers reach that endpoint at (written to lander.json)"
     )
+    sql_timeout_s: float = Field(default=30.0, gt=0, description="a SQL query running longer is stopped")
+    sql_max_rows: int = Field(default=100_000, ge=1, description="rows a SQL result may have")
+    sql_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="JSON bytes a SQL result may have")
+    sql_max_concurrent: int = Field(default=2, ge=1, description="SQL queries the lander runs at once; more: 429")
+    sql_max_body: int = Field(default=64 * 1024, ge=1024, description="bytes a SQL request body may have")
     alpha: float = Field(default=0.2, gt=0, le=1)
     initial_utility: float = 0.0
     discount: float = Field(default=0.0, ge=0, description="reward lost per second between selection and reward")
@@ -230,12 +242,27 @@ class LearnerSettings(_Component):
     task_types: list[str] | None = Field(default=None, description="only prompts of these task types")
     window_hours: float | None = Field(default=None, gt=0, description="only prompts this recent; unset: all")
     max_prompts: int = Field(default=256, ge=2, description="distinct prompts per round (by content hash)")
-    heldout_fraction: float = Field(default=0.2, gt=0, lt=1, description="stable share of prompts kept for the gate")
+    heldout_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of prompts drawn fresh for the gate")
+    task_quotas: dict[str, int] = Field(
+        default_factory=dict, description="most prompts per task type in a round ('default' for unlisted types)"
+    )
+    parent_from: Literal["served", "published"] = Field(
+        default="served", description="continue from the adapter the gateway serves, or the last one published"
+    )
+    heldout_id_digits: int = Field(
+        default=4, ge=1, description="numbers this long count as ids in the split's normal form (1: every number)"
+    )
+    heldout_near_duplicate: float = Field(
+        default=0.7, gt=0, le=1, description="MinHash Jaccard at which a training prompt is too near a held-out one"
+    )
     # generate (k is the test-time-compute budget)
     backend: Literal["transformers", "vllm"] = "transformers"
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ... (transformers backend)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     k: int = Field(default=8, ge=2, description="candidates per prompt: the test-time-compute budget")
+    k_max: int | None = Field(
+        default=None, ge=2, description="adaptive k: most candidates for a prompt whose first k failed; unset: 2*k"
+    )
     temperatures: list[float] = Field(default_factory=lambda: [0.7, 1.0], min_length=1)
     strategies: list[Literal["plain", "cot", "structured"]] = Field(default_factory=lambda: ["plain"], min_length=1)
     max_new_tokens: int = Field(default=128, ge=1)
@@ -243,7 +270,18 @@ class LearnerSettings(_Component):
     # score: empty means the stream's scorers
     scorers: list[ScorerSpec] = Field(default_factory=list)
     # train
-    mode: Literal["grpo", "offline"] = Field(default="grpo", description="online GRPO, or DPO on stored best/worst")
+    mode: Literal["grpo", "offline", "rft", "rft+grpo"] = Field(
+        default="grpo",
+        description="online GRPO, DPO on stored best/worst (offline), SFT on verified best candidates (rft), or both",
+    )
+    reward_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="a candidate at or above it passed (rft trains on it; adaptive k)"
+    )
+    rft_per_prompt: int = Field(default=1, ge=1, description="rft: distinct best passing candidates kept per prompt")
+    rft_steps: int | None = Field(default=None, ge=1, description="rft optimizer steps; unset: steps")
+    kl_beta: float = Field(
+        default=0.04, ge=0, description="GRPO KL weight against the parent adapter (TRL's default 0 lets rounds drift)"
+    )
     steps: int = Field(default=30, ge=1, description="optimizer steps per round")
     learning_rate: float = Field(default=5e-4, gt=0)
     batch_prompts: int = Field(default=4, ge=1, description="prompts per RL step")
@@ -254,7 +292,17 @@ class LearnerSettings(_Component):
     # gate
     gate_margin: float = Field(default=0.0, description="least mean held-out reward gain to publish")
     gate_confidence: float = Field(default=0.9, gt=0, lt=1, description="paired bootstrap one-sided confidence")
-    gate_samples: int = Field(default=1, ge=1, description="responses per held-out prompt (1 = greedy)")
+    gate_samples: int = Field(default=1, ge=1, description="responses per held-out prompt and policy")
+    gate_temperature: float = Field(default=1.0, ge=0, description="the gate samples as the gateway serves (0: greedy)")
+    gate_top_p: float = Field(default=1.0, gt=0, le=1)
+    gate_alpha_spending: Literal["basel", "none"] = Field(
+        default="basel",
+        description="basel: round i against one parent tests at (1-confidence)*6/(pi^2 i^2), so all rounds together "
+        "publish a no-gain adapter with probability at most 1-confidence; none: every round at 1-confidence",
+    )
+    gate_task_margin: float = Field(
+        default=0.05, ge=0, description="refuse when any task type's mean held-out reward drops by more than this"
+    )
     # schedule
     interval_minutes: float | None = Field(default=60.0, gt=0)
     cron: str | None = Field(default=None, description="crontab expression; replaces interval_minutes")
@@ -298,6 +346,26 @@ class ServeSettings(_Component):
     promote_after: int = Field(default=20, ge=1, description="rewards a canary needs before promotion/rollback")
     rollback_margin: float = Field(default=0.1, ge=0)
     agent_id: str = "gateway"
+    vllm_api_key: SecretStr | None = Field(
+        default=None, description="bearer key of the vLLM server (its VLLM_API_KEY / --api-key)"
+    )
+    metrics_keys: list[SecretStr] = Field(
+        default_factory=list, description="bearer tokens that may read /metrics (admin keys may too)"
+    )
+    trusted_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys that may set reserved metadata (scorer references) and X-Taoflow-Agent; admin keys "
+        "and the no-auth mode are trusted too",
+    )
+    reserved_metadata_keys: list[str] = Field(
+        default_factory=lambda: ["answer", "answers", "reference", "expected"],
+        description="client metadata keys scorers trust; dropped from untrusted callers' interactions",
+    )
+    rate_limit_per_s: float = Field(default=100.0, ge=0, description="requests per second per API key; 0: off")
+    rate_limit_burst: int = Field(default=1000, ge=1, description="token-bucket size per API key")
+    allow_open: bool = Field(
+        default=False, description="start with no keys on a non-loopback host (anyone who reaches it may use it)"
+    )
 
 
 @dataclass

@@ -37,6 +37,8 @@ TIMESTAMPS = [
     "2026-11-22T10:00:00.1234567Z", "2026-11-22T10:00:00.999999999-05:30", "2026-11-22t10:00:00z",
     "2026-11-22 10:00:00+01:00", "2026-11-22T10:00:00", "2026-02-30T10:00:00Z", "2026-11-22T23:59:60Z",
     "2026-11-22T10:00Z", "2026-11-22", "20261122T100000Z", "2026-11-22T10:00:00+24:00", "", 0, None, MISSING,
+    # outside the window around now that events may carry (Limits.max_ts_age_s, max_ts_ahead_s), or beyond UTC
+    "1990-01-01T00:00:00Z", "2999-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
 ]  # fmt: skip
 TEXTS = ["", "hi", "x" * 40, "x" * 41, "é" * 20, "é" * 21, "\u0000\n\"\\", None, 1, ["a"], MISSING,
          [{"role": "user", "content": "hi"}], []]  # fmt: skip
@@ -45,6 +47,13 @@ METADATA = [
     {"k": "\u0001" * 10}, [], None, "x", MISSING, {"n": None, "b": True, "l": [1, "a", {"x": 1.5}]},
 ]  # fmt: skip
 VERSIONS = [1, 2, 0, "1", 1.0, True, None, MISSING]
+HEX = "0123456789abcdef" * 2
+# the pattern `^[0-9a-f]{32}$`: its edges (length, case, a trailing newline Python's `$` would let through, digits
+# that are not ASCII, another type)
+CALLERS = [HEX, "a" * 32, None, MISSING, HEX.upper(), HEX[:31], HEX + "0", HEX + "\n", "\n" + HEX, " " + HEX, "g" * 32,
+           "\u0661" * 32, "", 0, 10**18, True, [HEX], {}]  # fmt: skip
+# pydantic's lax bool (0/1, "yes", "off", ...) next to plain JSON booleans
+FORCED = [True, False, MISSING, None, 0, 1, 0.0, 1.0, 2, "true", "false", "yes", "off", "", [], {}]
 
 
 def base_interaction() -> dict[str, Any]:
@@ -63,12 +72,12 @@ def base_feedback() -> dict[str, Any]:
 INTERACTION_VALUES = {
     "event_id": NAMES, "agent_id": NAMES, "task_type": NAMES, "operator": NAMES, "adapter": NAMES, "ts": TIMESTAMPS,
     "prompt": TEXTS, "response": TEXTS, "latency_ms": NUMBERS, "metadata": METADATA, "schema_version": VERSIONS,
-    "extra": ["x", MISSING],
+    "extra": ["x", MISSING], "caller": CALLERS, "forced": FORCED,
 }  # fmt: skip
 FEEDBACK_VALUES = {
     "event_id": NAMES, "interaction_id": NAMES, "ts": TIMESTAMPS, "value": NUMBERS, "metadata": METADATA,
     "kind": ["thumbs", "rating", "custom", "nope", "", None, 1, ["thumbs"], MISSING], "schema_version": VERSIONS,
-    "extra": ["x", MISSING],
+    "extra": ["x", MISSING], "caller": CALLERS,
 }  # fmt: skip
 
 
@@ -143,6 +152,33 @@ def test_fast_path_takes_plain_events_and_falls_back_with_the_models_error() -> 
         parse_feedback(orjson.dumps({**base_feedback(), "metadata": {"k": "é" * 100}}), TIGHT)
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_tenant_fields_take_the_fast_path_with_the_models_values(kind: str) -> None:
+    """A gateway stamps `caller` (and `forced`) on every event it captures: plain values must stay on the fast
+    path with the model's values, and whatever the model refuses must never be accepted here."""
+    model_cls, fast_fn, _, base, _, _ = KINDS[kind]
+    plain: dict[str, list[Any]] = {"caller": [HEX, "a" * 32, None, MISSING]}
+    fields: dict[str, list[Any]] = {"caller": CALLERS}
+    if kind == "interaction":
+        plain["forced"], fields["forced"] = [True, False, MISSING], FORCED
+    for name, values in fields.items():
+        for value in values:
+            raw = orjson.dumps(mutate(base(), name, value))
+            fast, model = fast_fn(raw, Limits()), model_or_error(model_cls, raw, Limits())
+            if any(value is p for p in plain[name]) or value in [p for p in plain[name] if type(p) is str]:
+                assert fast is not None, (name, value, model)
+            if fast is not None:
+                assert isinstance(model, model_cls), (name, value, model)
+                same_values(fast, model, type(fast).__slots__)
+    doc = {**base(), "caller": HEX, **({"forced": True} if kind == "interaction" else {})}
+    fast = fast_fn(orjson.dumps(doc), Limits())
+    assert fast is not None and fast.caller == HEX
+    assert isinstance(fast, FastFeedback) or fast.forced is True
+    for bad in (HEX.upper(), HEX + "\n", "\u0661" * 32, 0):  # the model refuses these callers
+        assert isinstance(model_or_error(model_cls, orjson.dumps({**base(), "caller": bad}), Limits()),
+                          EventValidationError)  # fmt: skip
+
+
 def test_worker_outputs_match_the_models() -> None:
     rng = random.Random(3)
     for i in range(300):
@@ -160,10 +196,10 @@ def test_worker_outputs_match_the_models() -> None:
         last = rng.choice([None, rng.random()])
         u = rng.uniform(-1, 1)
         raw = utility_json("math", "cot", u, i, last, ts)
-        model = UtilityEvent.model_validate_json(raw)
-        assert model == UtilityEvent(task_type="math", operator="cot", utility=u, n=i, last_reward=last,
+        umodel = UtilityEvent.model_validate_json(raw)
+        assert umodel == UtilityEvent(task_type="math", operator="cot", utility=u, n=i, last_reward=last,
                                      ts=datetime.fromtimestamp(ts, UTC))  # fmt: skip
-        assert fast_utility(raw, Limits()) == dict(model)
+        assert fast_utility(raw, Limits()) == dict(umodel)
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,18 @@ def noise_adapter(base: Path, out: Path, seed: int) -> Path:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     peft.save_pretrained(out)
+    write_manifest(Path(out))
     return out
+
+
+def write_manifest(adapter: Path) -> None:
+    """The manifest the learner's publish step writes: the gateway loads only adapters whose files match it."""
+    import json
+
+    from learners.lineage import digest_tree
+
+    sha, per_file = digest_tree(adapter)
+    (adapter / "manifest.json").write_text(json.dumps({"adapter": adapter.name, "sha256": sha, "files": per_file}))
 
 
 def run_async(coro: Any) -> Any:

@@ -105,7 +105,8 @@ def test_bad_input_gets_the_right_status_and_the_gateway_stays_up(tmp_path: Path
         r = post("/chat/completions", json={**chat, "messages": [{"role": "user", "content": "x" * 10_000}]},
                  headers=auth)  # fmt: skip
         assert r.status_code == 413 and "exceeds the limit of 4096" in r.json()["error"]["message"]
-        r = post("/chat/completions", content=b'{"model": "taoflow", "messages": [', headers=auth)
+        r = post("/chat/completions", content=b'{"model": "taoflow", "messages": [',
+                 headers={**auth, "Content-Type": "application/json"})  # fmt: skip
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
         r = post("/chat/completions", json={"model": "taoflow", "messages": []}, headers=auth)
         assert r.status_code == 400 and "messages" in r.json()["error"]["message"]

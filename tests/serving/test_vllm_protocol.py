@@ -19,7 +19,7 @@ from schemas import AdapterEvent, UtilityEvent
 from serving.backends import VllmBackend
 from taoflow.broker import EmbeddedBroker
 from taoflow.settings import Settings
-from tests.serving.harness import running_gateway
+from tests.serving.harness import running_gateway, write_manifest
 
 pytestmark = [pytest.mark.broker]
 
@@ -87,6 +87,7 @@ def test_gateway_drives_vllm_runtime_lora_loading_generation_and_unloading(
     adapter = tmp_path / "data" / "adapters" / "ad-v"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
+    write_manifest(adapter)
     settings = Settings(overrides={
         "core": {"data_dir": tmp_path / "data", "base_model": "base-model"},
         "kafka": {"bootstrap": fresh_broker.bootstrap},

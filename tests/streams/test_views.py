@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -225,8 +226,18 @@ def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_p
     data, planted = pipeline
     settings = Settings(overrides={"core": {"data_dir": data}, "serve": {"admin_keys": ["sk-admin"]}})
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_dashboard_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))  # fmt: skip
+    app = build_dashboard_app(settings)
+
+    async def sign_in() -> Any:
+        # a person signs in with the form (the key never goes in a URL); chromium's command line can only load a
+        # URL, so a same-origin page fills the form in and submits it, and the session cookie does the rest
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse('<form method="post" action="/dashboard/login"><input name="key" value="sk-admin">'
+                            "</form><script>document.forms[0].submit()</script>")  # fmt: skip
+
+    app.add_api_route("/test-sign-in", sign_in, methods=["GET"])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -236,7 +247,8 @@ def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_p
 
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/dashboard/data").status_code == 401  # admin scope
-        url = f"{base}/dashboard?key=sk-admin"
+        assert httpx.get(f"{base}/dashboard?key=sk-admin").status_code == 400  # keys never travel in URLs
+        url = f"{base}/test-sign-in"
         args = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--no-first-run", "--virtual-time-budget=15000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
         dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout

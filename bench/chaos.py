@@ -1,0 +1,505 @@
+"""The stream tier under randomized faults, checked by an independent oracle.
+
+Each run starts its own embedded broker and up to `--workers` stream workers (each with its lander and Parquet
+landing), produces a seeded stream of interactions and feedback whose expected outputs are computed offline
+(planted rewards, closed-form utilities), and injects seeded random faults while the stream flows:
+
+- `kill`: SIGKILL a worker (its whole process group: the lander too), restarted after a pause;
+- `term`: SIGTERM a worker, restarted after a pause;
+- `stop`: SIGSTOP a worker past the consumer-group session timeout, then SIGCONT (a zombie coming back);
+- `join` / `leave`: a worker starts, or one leaves for good (SIGTERM), keeping between 1 and `--workers`;
+- `lander`: SIGKILL one worker's lander process (its worker restarts it);
+- `broker`: SIGSTOP the broker for less than the request timeout, then SIGCONT.
+
+The checker reads every output topic from offset 0 outside any consumer group, the DuckDB file and the raw Parquet
+files. A run passes when every interaction is scored and landed exactly once (its score revisions exactly as
+planted), every operator's utility equals the closed form `utility_after(0, r, alpha, n)` to 1e-9 with the exact n,
+DuckDB and Parquet hold zero duplicate rows, and the online invariant held: sampled while the run went on, a
+partition's committed offset of the worker group never passed an interaction whose score was not yet in Kafka.
+
+    python bench/chaos.py [--runs 100] [--seed 0] [--events 3000] [--workers 3]
+    python bench/chaos.py --replay SEED            # one run again, with the same events and faults
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from learners.actr import utility_after  # noqa: E402
+from taoflow.broker import EmbeddedBroker  # noqa: E402
+from taoflow.settings import Settings  # noqa: E402
+
+OPERATORS = {"good": 0.9, "mid": 0.55, "bad": 0.2}  # planted reward per operator (rules and feedback agree)
+ALPHA = 0.2
+PARTITIONS = 4
+SESSION_TIMEOUT_S = 6.0
+INPUTS = ("taoflow.interactions", "taoflow.feedback")
+SCORERS = json.dumps([{"type": "python", "callable": "tests.streams.scorers:reward_from_metadata", "name": "planted"}])
+FAULTS = ("kill", "term", "stop", "join", "leave", "lander", "broker")
+
+
+@dataclass
+class Plan:
+    """Everything a run does, drawn from its seed alone (a failing seed replays the same events and faults)."""
+
+    seed: int
+    events: int
+    workers: int
+    duration_s: float
+    feedback_share: float
+    faults: list[tuple[float, str, int, float]]  # (at seconds, kind, worker slot, how long)
+
+    @classmethod
+    def draw(cls, seed: int, events: int, workers: int, duration_s: float, faults: int) -> Plan:
+        rng = random.Random(seed)
+        times = sorted(rng.uniform(1.0, duration_s) for _ in range(faults))
+        drawn = [(round(t, 2), rng.choice(FAULTS), rng.randrange(workers), round(rng.uniform(0.5, 3.0), 2))
+                 for t in times]  # fmt: skip
+        return cls(seed, events, workers, duration_s, round(rng.uniform(0.1, 0.4), 2), drawn)
+
+
+@dataclass
+class Report:
+    seed: int
+    ok: bool
+    faults: Counter[str] = field(default_factory=Counter)
+    interactions: int = 0
+    rewards: int = 0
+    lost: int = 0  # interactions (or score revisions) missing from the scores topic or the tables
+    duplicated: int = 0  # rows landed more than once (DuckDB, Parquet)
+    invariant_violations: int = 0
+    utility_error: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# -- the world: broker, workers ------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log = env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    def start(self) -> None:
+        fh = open(self.log, "ab")  # noqa: SIM115 - the child writes to it for its lifetime
+        self.proc = subprocess.Popen([sys.executable, "-m", "taoflow.cli", "worker"], env=self.env, stdout=fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send(self, sig: int, group: bool = False) -> None:
+        if self.running:
+            assert self.proc is not None
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.paused:
+            self.send(signal.SIGCONT, group=True)
+            self.paused = False
+        if self.running:
+            assert self.proc is not None
+            self.send(sig, group=sig == signal.SIGKILL)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def lander_pid(self) -> int | None:
+        if not self.running:
+            return None
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "streams.lander"], capture_output=True,
+                             text=True).stdout.split()  # fmt: skip
+        return int(out[0]) if out else None
+
+
+# -- the stream and what it must produce ---------------------------------------------------------------------
+
+
+def events(plan: Plan) -> tuple[list[tuple[str, str, bytes]], dict[str, str], set[str]]:
+    """(topic, key, value) in production order, each interaction's operator, and which ones get feedback."""
+    rng = random.Random(plan.seed * 7919 + 1)
+    out: list[tuple[str, str, bytes]] = []
+    ops: dict[str, str] = {}
+    with_feedback: set[str] = set()
+    early: list[tuple[str, str, bytes]] = []
+    for i in range(plan.events):
+        iid = f"c{plan.seed}-{i:06d}"
+        op = rng.choice(list(OPERATORS))
+        ops[iid] = op
+        now = datetime.now(UTC).isoformat()
+        doc = {"event_id": iid, "ts": now, "agent_id": "chaos", "task_type": "qa", "operator": op,
+               "prompt": f"question {i}", "response": f"answer {i}", "adapter": None, "latency_ms": 1.0,
+               "metadata": {"r": OPERATORS[op]}}  # fmt: skip
+        fb = None
+        if rng.random() < plan.feedback_share:
+            with_feedback.add(iid)
+            fb = ("taoflow.feedback", iid, json.dumps({"event_id": f"f-{iid}", "interaction_id": iid, "ts": now,
+                  "kind": "task_success", "value": OPERATORS[op], "metadata": {}}).encode())  # fmt: skip
+        if fb is not None and rng.random() < 0.2:
+            out.append(fb)  # feedback first: it waits for its interaction
+            fb = None
+        out.append(("taoflow.interactions", iid, json.dumps(doc).encode()))
+        if fb is not None:
+            early.append(fb)
+        if len(early) > rng.randint(0, 50):  # feedback some time after its interaction
+            out.extend(early)
+            early = []
+    out.extend(early)
+    return out, ops, with_feedback
+
+
+class Producer(threading.Thread):
+    """Sends the stream at an even rate over the run's duration; records where each interaction landed."""
+
+    def __init__(self, bootstrap: str, stream: list[tuple[str, str, bytes]], duration_s: float) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.stream, self.duration_s = bootstrap, stream, duration_s
+        self.positions: dict[str, tuple[int, int]] = {}  # interaction id -> (partition, offset)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from kafka import KafkaProducer
+
+        try:
+            producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, acks="all", retries=20,
+                                     max_in_flight_requests_per_connection=1, request_timeout_ms=30_000)  # fmt: skip
+            futures = []
+            start = time.monotonic()
+            for n, (topic, key, value) in enumerate(self.stream):
+                due = start + self.duration_s * n / len(self.stream)
+                if due > time.monotonic():
+                    time.sleep(due - time.monotonic())
+                fut = producer.send(topic, key=key.encode(), value=value)
+                if topic == "taoflow.interactions":
+                    futures.append((key, fut))
+            producer.flush(120)
+            for key, fut in futures:
+                md = fut.get(60)
+                self.positions[key] = (md.partition, md.offset)
+            producer.close()
+        except BaseException as exc:  # reported by the run, never lost in a thread
+            self.error = exc
+
+
+class CommitWatch(threading.Thread):
+    """Samples the worker group's committed offsets of the interactions topic while the run goes on."""
+
+    def __init__(self, bootstrap: str, group: str) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.group = bootstrap, group
+        self.samples: list[tuple[float, int, int]] = []  # (epoch ms when seen, partition, committed offset)
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        from kafka import KafkaAdminClient
+
+        admin = None
+        while not self.halt.wait(0.5):
+            try:
+                if admin is None:
+                    admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+                offsets = admin.list_consumer_group_offsets(self.group)
+            except Exception:
+                admin = None  # the broker may be paused: try again
+                continue
+            seen = time.time() * 1000
+            for tp, meta in offsets.items():
+                if tp.topic == "taoflow.interactions" and meta.offset >= 0:
+                    self.samples.append((seen, tp.partition, meta.offset))
+        if admin is not None:
+            admin.close()
+
+
+def read_topic(bootstrap: str, topic: str, quiet_s: float = 3.0) -> list[Any]:
+    """Every record of a topic from offset 0, outside any group, until nothing new arrives for `quiet_s` and every
+    partition's position reached the high watermark its fetch responses report."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
+    c.assign(tps)
+    c.seek_to_beginning(*tps)
+    out: list[Any] = []
+    last = time.monotonic()
+    while time.monotonic() - last < quiet_s:
+        got = c.poll(timeout_ms=300)
+        for recs in got.values():
+            out.extend(recs)
+        if got or any((c.highwater(tp) or 0) > c.position(tp) for tp in tps):
+            last = time.monotonic()
+    c.close()
+    return out
+
+
+# -- one run -------------------------------------------------------------------------------------------------
+
+
+def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
+    from streams.sqlapi import query
+
+    t0 = time.monotonic()
+    report = Report(seed=plan.seed, ok=False)
+    stream, ops, with_feedback = events(plan)
+    expected_rewards = Counter(ops.values())
+    for iid in with_feedback:
+        expected_rewards[ops[iid]] += 1
+    report.interactions, report.rewards = len(ops), sum(expected_rewards.values())
+
+    from tests.conftest import free_port
+
+    broker = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": PARTITIONS}}),
+                            log_file=workdir / "broker.log")  # fmt: skip
+    broker.start()
+    data, lake = workdir / "data", workdir / "lake"
+    app_id = f"chaos{plan.seed}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAOFLOW_")}
+    env.update(PYTHONPATH=str(ROOT), TAOFLOW_KAFKA_BOOTSTRAP=broker.bootstrap, TAOFLOW_DATA_DIR=str(data),
+               TAOFLOW_STREAM_APP_ID=app_id, TAOFLOW_STREAM_SCORERS=SCORERS, TAOFLOW_STREAM_PARQUET_URL=str(lake),
+               TAOFLOW_STREAM_SESSION_TIMEOUT_S=str(SESSION_TIMEOUT_S),
+               TAOFLOW_LOG_LEVEL=os.environ.get("TAOFLOW_TEST_WORKER_LOG_LEVEL", "WARNING"))  # fmt: skip
+    slots: list[Worker | None] = [None] * plan.workers
+    retired: list[Worker] = []
+
+    def spawn(slot: int) -> None:
+        w = Worker(env, workdir / f"worker{slot}-{len(retired)}.log")
+        w.start()
+        slots[slot] = w
+
+    spawn(0)
+    for slot in range(1, plan.workers):
+        if random.Random(plan.seed + slot).random() < 0.5:
+            spawn(slot)
+    watch = CommitWatch(broker.bootstrap, app_id)
+    watch.start()
+    producer = Producer(broker.bootstrap, stream, plan.duration_s)
+    producer.start()
+    pending: list[tuple[float, str, int]] = []  # (due, action, slot): restarts and resumes
+    start = time.monotonic()
+    try:
+        queue = list(plan.faults)
+        while queue or pending:
+            now = time.monotonic() - start
+            for item in sorted(pending):
+                due, action, slot = item
+                if due > now:
+                    continue
+                pending.remove(item)
+                w = slots[slot]
+                if action == "restart" and (w is None or not w.running):
+                    spawn(slot)
+                elif action == "cont" and w is not None and w.paused:
+                    w.send(signal.SIGCONT, group=True)
+                    w.paused = False
+                elif action == "broker-cont" and broker.proc is not None:
+                    os.kill(broker.proc.pid, signal.SIGCONT)
+            if queue and queue[0][0] <= now:
+                _at, kind, slot, how_long = queue.pop(0)
+                w = slots[slot]
+                live = [s for s, x in enumerate(slots) if x is not None and x.running and not x.paused]
+                if kind in ("kill", "term") and w is not None and w.running and not w.paused:
+                    w.stop(signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+                    retired.append(w)
+                    pending.append((now + how_long, "restart", slot))
+                elif kind == "stop" and w is not None and w.running and not w.paused and len(live) > 1:
+                    w.send(signal.SIGSTOP, group=True)
+                    w.paused = True
+                    pending.append((now + SESSION_TIMEOUT_S + 2 + how_long, "cont", slot))
+                elif kind == "join" and (w is None or not w.running):
+                    spawn(slot)
+                elif kind == "leave" and w is not None and w.running and not w.paused and len(live) > 1:
+                    w.stop(signal.SIGTERM)
+                    retired.append(w)
+                    slots[slot] = None
+                elif kind == "lander" and w is not None and (pid := w.lander_pid()) is not None:
+                    os.kill(pid, signal.SIGKILL)
+                elif kind == "broker" and broker.proc is not None:
+                    os.kill(broker.proc.pid, signal.SIGSTOP)
+                    pending.append((now + min(how_long, 3.0), "broker-cont", 0))
+                else:
+                    continue  # nothing to do in the world as it is: not counted
+                report.faults[kind] += 1
+            time.sleep(0.05)
+        producer.join(300)
+        if producer.error is not None:
+            raise RuntimeError(f"the producer failed: {producer.error!r}")
+        if not any(w is not None and w.running for w in slots):
+            spawn(0)
+        # settle: everything landed (or the settle time is up, and the checker says what is missing)
+        cfg = Settings(overrides={"core": {"data_dir": data}})
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            try:
+                got = query("SELECT count(*) FROM utility_history", cfg).rows[0][0]
+                if got >= report.rewards:
+                    break
+            except Exception:
+                pass
+            time.sleep(1)
+        time.sleep(3)  # anything still in flight
+        watch.halt.set()
+        watch.join(10)
+        check(report, plan, broker.bootstrap, cfg, lake, ops, with_feedback, expected_rewards, producer.positions,
+              watch.samples)  # fmt: skip
+    finally:
+        watch.halt.set()
+        for w in [*slots, *retired]:
+            if w is not None:
+                w.stop()
+        broker.stop()
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def check(report: Report, plan: Plan, bootstrap: str, cfg: Settings, lake: Path, ops: dict[str, str],
+          with_feedback: set[str], expected_rewards: Counter[str], positions: dict[str, tuple[int, int]],
+          samples: list[tuple[float, int, int]]) -> None:  # fmt: skip
+    """The oracle: the outputs against what the planted stream must produce."""
+    import duckdb
+
+    from streams.sqlapi import query
+
+    problems = report.problems
+    want = {(iid, 0) for iid in ops} | {(iid, 1) for iid in with_feedback}
+    # 1. the scores topic, read from offset 0: every planted revision, with the planted reward
+    first_sent: dict[str, float] = {}
+    got: set[tuple[str, int]] = set()
+    for rec in read_topic(bootstrap, "taoflow.scores"):
+        doc = json.loads(rec.value)
+        key = (doc["interaction_id"], doc["revision"])
+        got.add(key)
+        if abs(doc["reward"] - OPERATORS[ops.get(doc["interaction_id"], "good")]) > 1e-12:
+            problems.append(f"score {key} has reward {doc['reward']}")
+        if doc["revision"] == 0:
+            first_sent[doc["interaction_id"]] = min(first_sent.get(doc["interaction_id"], 1e18), rec.timestamp)
+    missing = want - got
+    if missing:
+        problems.append(f"{len(missing)} score revisions missing from taoflow.scores, e.g. {sorted(missing)[:5]}")
+    if got - want:
+        problems.append(f"{len(got - want)} unexpected score revisions, e.g. {sorted(got - want)[:5]}")
+    report.lost += len(missing)
+    # 2. utilities: the latest update per operator equals the closed form with the exact count
+    latest: dict[str, dict[str, Any]] = {}
+    for rec in read_topic(bootstrap, "taoflow.utilities"):
+        doc = json.loads(rec.value)
+        if doc["operator"] not in latest or doc["n"] >= latest[doc["operator"]]["n"]:
+            latest[doc["operator"]] = doc
+    for op, n in expected_rewards.items():
+        doc = latest.get(op)
+        if doc is None or doc["n"] != n:
+            problems.append(f"utility of {op}: n={doc and doc['n']}, expected {n}")
+            continue
+        err = abs(doc["utility"] - utility_after(0.0, OPERATORS[op], ALPHA, n))
+        report.utility_error = max(report.utility_error, err)
+        if err > 1e-9:
+            problems.append(f"utility of {op} off the closed form by {err:.3g}")
+    # 3. DuckDB: each row exactly once
+    rows = query("SELECT (SELECT count(*) FROM interactions), (SELECT count(DISTINCT event_id) FROM interactions), "
+                 "(SELECT count(*) FROM scores), (SELECT count(DISTINCT (interaction_id, revision)) FROM scores), "
+                 "(SELECT count(*) FROM feedback), (SELECT count(*) FROM dead_letters)", cfg).rows[0]  # fmt: skip
+    n_i, d_i, n_s, d_s, n_f, n_dead = rows
+    if (n_i, d_i) != (len(ops), len(ops)):
+        problems.append(f"DuckDB interactions: {n_i} rows, {d_i} distinct, expected {len(ops)}")
+    if (n_s, d_s) != (len(want), len(want)):
+        problems.append(f"DuckDB scores: {n_s} rows, {d_s} distinct, expected {len(want)}")
+    if n_f != len(with_feedback) or n_dead:
+        problems.append(f"DuckDB feedback {n_f} (expected {len(with_feedback)}), dead letters {n_dead} (expected 0)")
+    report.lost += max(0, len(ops) - d_i) + max(0, len(want) - d_s)
+    report.duplicated += (n_i - d_i) + (n_s - d_s)
+    # 4. the raw Parquet files: every interaction exactly once
+    files = f"{lake}/interactions/**/*.parquet"
+    n_p, d_p = duckdb.connect().execute(f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{files}')"
+                                        ).fetchone() or (0, 0)  # fmt: skip
+    if (n_p, d_p) != (len(ops), len(ops)):
+        problems.append(f"Parquet interactions: {n_p} rows, {d_p} distinct, expected {len(ops)}")
+    report.duplicated += n_p - d_p
+    # 5. the online invariant: a committed offset never passed an interaction whose score was not yet in Kafka
+    by_partition: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for iid, (p, off) in positions.items():
+        by_partition[p].append((off, iid))
+    for offs in by_partition.values():
+        offs.sort()
+    bad: set[str] = set()
+    for seen_ms, p, committed in samples:
+        for off, iid in by_partition.get(p, []):
+            if off >= committed:
+                break
+            if first_sent.get(iid, 1e18) > seen_ms + 5:  # Kafka timestamps are in ms
+                bad.add(iid)
+    if bad:
+        problems.append(f"commit passed {len(bad)} interactions not yet scored, e.g. {sorted(bad)[:5]}")
+    report.invariant_violations = len(bad)
+    report.ok = not problems
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="first run's seed; run i uses seed + i")
+    ap.add_argument("--replay", type=int, help="run this one seed again")
+    ap.add_argument("--events", type=int, default=3000)
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds over which the stream is produced")
+    ap.add_argument("--faults", type=int, default=4, help="faults drawn per run")
+    ap.add_argument("--keep", action="store_true", help="keep each run's directory (logs, DuckDB, lake)")
+    args = ap.parse_args()
+    seeds = [args.replay] if args.replay is not None else [args.seed + i for i in range(args.runs)]
+    totals: Counter[str] = Counter()
+    failed: list[int] = []
+    lost = duplicated = violations = 0
+    t0 = time.monotonic()
+    for n, seed in enumerate(seeds, 1):
+        plan = Plan.draw(seed, args.events, args.workers, args.duration, args.faults)
+        workdir = Path(tempfile.mkdtemp(prefix=f"chaos-{seed}-"))
+        try:
+            report = run_once(plan, workdir)
+        except Exception as exc:
+            report = Report(seed=seed, ok=False, problems=[f"run failed: {exc!r}"])
+        totals.update(report.faults)
+        lost += report.lost
+        duplicated += report.duplicated
+        violations += report.invariant_violations
+        status = "ok" if report.ok else "FAILED"
+        print(f"[{n}/{len(seeds)}] seed {seed}: {status} in {report.seconds:.0f}s; faults {dict(report.faults)}; "
+              f"{report.interactions} interactions, {report.rewards} rewards; lost {report.lost}, duplicated "
+              f"{report.duplicated}, invariant violations {report.invariant_violations}", flush=True)  # fmt: skip
+        if not report.ok:
+            failed.append(seed)
+            print("    " + "\n    ".join(report.problems), flush=True)
+            print(f"    plan: {json.dumps(asdict(plan))}\n    logs: {workdir}  (replay: --replay {seed})", flush=True)
+        elif not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"{len(seeds)} runs in {time.monotonic() - t0:.0f}s: {len(seeds) - len(failed)} passed, "
+          f"{len(failed)} failed {failed}; faults injected {sum(totals.values())} {dict(totals)}; "
+          f"records lost {lost}, duplicated {duplicated}, invariant violations {violations}")  # fmt: skip
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
