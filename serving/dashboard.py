@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,12 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
             "SELECT adapter, action, ts FROM adapters WHERE action IN "
             "('published', 'promoted', 'rolled_back') ORDER BY ts",
         ),
+        # the sequential test's evidence: n per side, means, difference and its always-valid interval
+        "release_decisions": [
+            _flatten_metrics(d)
+            for d in _rows(settings, "SELECT adapter, action, ts, reason, metrics FROM adapters WHERE action IN "
+                           "('promoted', 'rolled_back') ORDER BY ts")
+        ],
         "rounds": rounds,
         "leaderboard": _rows(settings, "SELECT * FROM operator_leaderboard"),
         "freshness": _rows(settings, "SELECT * FROM freshness"),
@@ -238,3 +245,10 @@ def build_dashboard_app(settings: Settings) -> FastAPI:
 
     add_dashboard(app, settings)
     return app
+
+
+def _flatten_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    metrics = row.pop("metrics", None)
+    if isinstance(metrics, str):
+        metrics = json.loads(metrics)
+    return {**row, **(metrics or {})}

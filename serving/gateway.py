@@ -196,6 +196,7 @@ class Gateway:
         self.instance = uuid.uuid4().hex  # marks the adapter events this process emits (it skips their echo)
         # the last requests' routed and served adapters (bounded: it is filled on every request)
         self.audit: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
+        self.decisions: dict[str, Decision] = {}  # the latest release decision per adapter, with its evidence
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -342,8 +343,10 @@ class Gateway:
             doc = fast_utility(rec.value, self.limits)
             if doc is None:
                 u = parse_event(UtilityEvent, rec.value, self.limits)
-                doc = {"task_type": u.task_type, "operator": u.operator, "utility": u.utility, "n": u.n}
-            self.router.update_utility(doc["task_type"], doc["operator"], doc["utility"], doc["n"])
+                doc = {"task_type": u.task_type, "operator": u.operator, "utility": u.utility, "n": u.n,
+                       "last_reward": u.last_reward}  # fmt: skip
+            self.router.update_utility(doc["task_type"], doc["operator"], doc["utility"], doc["n"],
+                                       doc.get("last_reward"), live=live)  # fmt: skip
             if live:
                 decision = self.router.decide()
                 if decision is not None:
@@ -381,6 +384,7 @@ class Gateway:
             await self._settle()  # e.g. another replica promoted an adapter this one has not loaded yet
 
     async def _apply_decision(self, d: Decision) -> None:
+        self.decisions[d.adapter] = d
         self.metrics.transitions.labels(d.action).inc()
         log.info("adapter %s %s: %s", d.adapter, d.action, d.reason)
         await self._announce(d.action, d.adapter, reason=d.reason, metrics=d.metrics)

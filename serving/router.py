@@ -4,10 +4,15 @@ An operator is a serving strategy (system prompt / template) on an adapter: `<st
 `base` for no adapter. Its utility per task type comes from `taoflow.utilities`, learned by the stream from
 the rewards of the interactions it served. Requests go to the incumbent adapter's operators, chosen by
 noisy utility with the stream's own `select_operator`; a canary (a newly published adapter) gets at least
-`canary_fraction` of the traffic, serving the strategy the incumbent's utilities chose. After `promote_after`
-rewards the canary is promoted if its utility beats the incumbent's on the same strategies (a paired,
-bias-corrected comparison), or rolled back if it falls below by `rollback_margin`; a promoted adapter is
-likewise rolled back to its predecessor if it falls below the predecessor's last utilities by the margin.
+`canary_fraction` of the traffic, serving the strategy the incumbent's utilities chose.
+
+Utilities choose operators; they do not decide releases (an exponential average of a few dozen rewards is mostly
+noise). Each utility update carries the reward that caused it, and the router feeds the rewards of canary and
+incumbent, from the canary's start on and per (task type, strategy), into a sequential test
+(`serving.release.SequentialTest`, valid however often it is looked at): the canary is promoted when it is better
+at the configured error rate, rolled back when it is worse, and rolled back unproven at the cap. A promoted adapter
+stays watched against its predecessor, which keeps `watch_fraction` of the traffic, and is rolled back by the same
+test when it does worse. Evidence is gathered live only: a restarted gateway starts the test again (still valid).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from learners.actr import select_operator
+from serving.release import Evidence, SequentialTest
 from taoflow.settings import OperatorSpec
 
 log = logging.getLogger(__name__)
@@ -59,7 +65,9 @@ class Router:
         self.incumbent: str | None = None
         self.history: list[str | None] = []  # earlier incumbents, most recent last
         self.canary: str | None = None
-        self.promoted_at_n: int = 0  # the promoted adapter's reward count when it was promoted
+        self.test: SequentialTest | None = None  # the canary (challenger) against the incumbent
+        self.watch: SequentialTest | None = None  # a promoted incumbent (challenger) against its predecessor
+        self._seen_n: dict[tuple[str, str], int] = {}  # (task_type, operator) -> reward count already observed
 
     # -- operators and selection -----------------------------------------------------------------------------
 
@@ -111,19 +119,55 @@ class Router:
         if self.canary is not None and self.rng.random() < self.cfg.canary_fraction:
             spec = by_strategy[chosen].spec
             return Operator(operator_name(spec.name, self.canary), spec, self.canary)
+        if self.watch is not None and self.history and self.rng.random() < self.cfg.watch_fraction:
+            previous, spec = self.history[-1], by_strategy[chosen].spec  # kept warm while the promotion is watched
+            return Operator(operator_name(spec.name, previous), spec, previous)
         return by_strategy[chosen]
 
     # -- utilities and lifecycle ----------------------------------------------------------------------------
 
-    def update_utility(self, task_type: str, operator: str, utility: float, n: int) -> None:
+    def update_utility(
+        self, task_type: str, operator: str, utility: float, n: int, last_reward: float | None = None,
+        live: bool = False,
+    ) -> None:  # fmt: skip
+        """Take one utility update; a live one that counts a new reward feeds it to the release tests."""
         current = self.utilities.get((task_type, operator))
         if current is None or n >= current[1]:
             self.utilities[(task_type, operator)] = (utility, n)
+        seen = self._seen_n.get((task_type, operator))
+        self._seen_n[(task_type, operator)] = max(n, seen or 0)
+        if live and last_reward is not None and n > (seen or 0):  # missed updates: the one reward known
+            self.observe(task_type, operator, last_reward)
+
+    def observe(self, task_type: str, operator: str, reward: float) -> None:
+        """One reward of an operator, for the release tests: the canary's against the incumbent's (and a promoted
+        adapter's against its predecessor's), stratified by task type and strategy."""
+        strategy, _, served = operator.rpartition("@")
+        adapter = None if served == BASE else served
+        stratum = f"{task_type}/{strategy}"
+        if self.canary is not None and self.test is None:
+            self.test = self._new_test()
+        if self.test is not None:
+            if adapter == self.canary:
+                self.test.add(stratum, reward, challenger=True)
+            elif adapter == self.incumbent:
+                self.test.add(stratum, reward, challenger=False)
+        if self.watch is not None and self.history:
+            if adapter == self.incumbent:
+                self.watch.add(stratum, reward, challenger=True)
+            elif adapter == self.history[-1]:
+                self.watch.add(stratum, reward, challenger=False)
+
+    def _new_test(self) -> SequentialTest:
+        c = self.cfg
+        return SequentialTest(alpha=c.release_alpha, tau=c.release_tau, min_effect=c.release_min_effect,
+                              margin=c.rollback_margin, min_rewards=c.promote_after,
+                              max_rewards=c.release_max_rewards)  # fmt: skip
 
     def unbiased(self, u: float, n: int) -> float:
         """The utility without the pull of its starting value: ACT-R's update is an exponential average that
-        starts at `initial_utility`, so after n rewards the start still weighs (1 - alpha)^n. Comparing a
-        canary (few rewards) with an incumbent (many) needs that weight removed, as in Adam's bias correction.
+        starts at `initial_utility`, so after n rewards the start still weighs (1 - alpha)^n (as in Adam's bias
+        correction). Shown beside the evidence; decisions use the rewards themselves.
 
         >>> r = Router(None, initial_utility=0.0, noise_s=0.1, alpha=0.2)
         >>> round(r.unbiased(0.2 * 0.9, 1), 6)  # one reward of 0.9
@@ -143,80 +187,55 @@ class Router:
             return self.initial, 0
         return sum(u * n for u, n in rows) / total, total
 
-    def compare(self, challenger: str | None, reference: str | None) -> tuple[float, int]:
-        """Paired comparison: for every task type and strategy the challenger has rewards for, its
-        (bias-corrected) utility minus the reference's on the same strategy, weighted by the challenger's
-        rewards there. Returns (weighted mean difference, challenger rewards counted)."""
-        c_suffix, r_suffix = "@" + (challenger or BASE), "@" + (reference or BASE)
-        total = weight = 0.0
-        for (task, op), (u, n) in self.utilities.items():
-            if n <= 0 or not op.endswith(c_suffix):
-                continue
-            strategy = op[: -len(c_suffix)]
-            ref = self.utilities.get((task, strategy + r_suffix))
-            if ref is None or ref[1] <= 0:
-                continue
-            total += n * (self.unbiased(u, n) - self.unbiased(*ref))
-            weight += n
-        return (total / weight if weight else 0.0), int(weight)
-
     def decide(self) -> Decision | None:
-        """Promote or roll back when the evidence is in; applies the decision and returns it."""
-        margin, need = self.cfg.rollback_margin, self.cfg.promote_after
+        """Promote or roll back when the sequential test says so; applies the decision and returns it."""
         if self.canary is not None:
-            diff, cn = self.compare(self.canary, self.incumbent)
-            metrics = {"utility_gain": diff, "n": float(cn)}
-            if cn >= need and diff > 0:
+            if self.test is None:
+                self.test = self._new_test()
+            verdict, ev = self.test.decide()
+            if verdict == "promote":
+                assert ev is not None
                 name = self.canary
                 self.history.append(self.incumbent)
-                self.incumbent, self.canary, self.promoted_at_n = name, None, self.score(name)[1]
-                return Decision(
-                    "promoted",
-                    name,
-                    f"utility {diff:+.3f} over the incumbent on the same strategies after {cn} rewards",
-                    metrics,
-                )
-            if cn >= need and diff < -margin:
-                name, self.canary = self.canary, None
-                return Decision(
-                    "rolled_back",
-                    name,
-                    f"utility {diff:+.3f} against the incumbent on the same strategies, below the margin {margin}",
-                    metrics,
-                )
+                self.incumbent, self.canary, self.test = name, None, None
+                self.watch = self._new_test()
+                return Decision("promoted", name, f"better than the incumbent: {ev.describe()}", _metrics(ev))
+            if verdict in ("rollback", "expired"):
+                name, self.canary, self.test = self.canary, None, None
+                why = (f"worse than the incumbent: {ev.describe()}" if verdict == "rollback" and ev is not None
+                       else f"not shown better after {self.cfg.release_max_rewards} rewards"
+                       + (f": {ev.describe()}" if ev is not None else ""))  # fmt: skip
+                return Decision("rolled_back", name, why, _metrics(ev))
             return None
-        if self.incumbent is not None and self.history:
-            diff, _ = self.compare(self.incumbent, self.history[-1])
-            n = self.score(self.incumbent)[1]
-            if n - self.promoted_at_n >= need and diff < -margin:
+        if self.watch is not None and self.incumbent is not None and self.history:
+            verdict, ev = self.watch.decide()
+            if verdict == "rollback":
+                assert ev is not None
                 name = self.incumbent
-                self.incumbent = self.history.pop()
-                return Decision(
-                    "rolled_back",
-                    name,
-                    f"utility {diff:+.3f} against the previous adapter on the same "
-                    f"strategies, below the margin {margin}",
-                    {"utility_gain": diff, "n": float(n)},
-                )
+                self.incumbent, self.watch = self.history.pop(), None
+                return Decision("rolled_back", name, f"worse than the adapter it replaced: {ev.describe()}",
+                                _metrics(ev))  # fmt: skip
+            if verdict in ("promote", "expired"):
+                self.watch = None  # confirmed (or as good as can be told): the predecessor's share ends
         return None
 
     def apply_event(self, action: str, adapter: str) -> None:
         """Replay one AdapterEvent into the lifecycle state (at start-up, and for events others emitted)."""
         if action == "published":
             if adapter != self.incumbent and adapter not in self.history:
-                self.canary = adapter
+                self.canary, self.test = adapter, None
         elif action == "promoted":
             if self.incumbent != adapter:
                 self.history.append(self.incumbent)
                 self.incumbent = adapter
-                self.promoted_at_n = self.score(adapter)[1]
+                self.watch = None  # promoted elsewhere (or before a restart): its watch is that gateway's
             if self.canary == adapter:
-                self.canary = None
+                self.canary, self.test = None, None
         elif action == "rolled_back":
             if self.canary == adapter:
-                self.canary = None
+                self.canary, self.test = None, None
             elif self.incumbent == adapter:
-                self.incumbent = self.history.pop() if self.history else None
+                self.incumbent, self.watch = (self.history.pop() if self.history else None), None
 
     def state(self) -> dict[str, Any]:
         return {
@@ -224,4 +243,10 @@ class Router:
             "canary": self.canary,
             "previous": self.history[-1:] or None,
             "scores": {a or BASE: self.score(a) for a in {self.incumbent, self.canary, *self.history[-1:]}},
+            "canary_evidence": _metrics(self.test.evidence()) if self.test is not None else None,
+            "watch_evidence": _metrics(self.watch.evidence()) if self.watch is not None else None,
         }
+
+
+def _metrics(ev: Evidence | None) -> dict[str, float]:
+    return ev.as_dict() if ev is not None else {}

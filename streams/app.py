@@ -42,14 +42,36 @@ class WorkerContext:
         self.counters[name] = self.counters.get(name, 0) + n
 
     def outbox(self) -> Outbox:
-        return Outbox(self.partitions)
+        return Outbox(self.partitions, self.cfg.max_record_bytes)
 
     def dead_letter(self, out: Outbox, message: Any, error: str) -> None:
-        """Queue the original bytes of a bad message, with where it came from and why, for the dead-letter topic."""
+        """Queue the original bytes of a bad message, with where it came from and why, for the dead-letter topic.
+
+        An original too large to fit a dead-letter record (encoded, within the record size limit) keeps its first
+        bytes, and the reason says so: the whole record stays at its topic, partition and offset."""
         original = message.value if isinstance(message.value, bytes) else bytes(message.value or b"")
+        keep = (self.cfg.max_record_bytes - 16 * 1024) * 3 // 4  # base64 in JSON, with room for the rest
+        if len(original) > keep:
+            error = (f"{error[:3000]} [original truncated to its first {keep} of {len(original)} bytes; the whole "
+                     f"record is at {message.topic}/{message.partition}@{message.offset}]")  # fmt: skip
+            original = original[:keep]
         dl = DeadLetter.of(message.topic, message.partition, message.offset, original, error[:4000])
         out.add(self.topics.dead_letters.get_topic_name(), None, dl.to_json_bytes())
         self.count("dead_letters")
+
+    def isolated(self, out: Outbox, message: Any, process: Any, *args: Any) -> None:
+        """Run `process(*args)` for one record; if it raises, its queued outputs are dropped and the record goes to
+        the dead letters with the reason, so one record can never crash (or crash-loop) the worker. Processors
+        write their tables last for each record, so a failure leaves the tables as they were."""
+        mark = out.mark()
+        try:
+            process(*args)
+        except Exception as exc:
+            out.rollback(mark)
+            log.warning("%s[%s]@%s could not be processed (dead-lettered): %s: %s", message.topic, message.partition,
+                        message.offset, type(exc).__name__, exc)  # fmt: skip
+            self.dead_letter(out, message, f"processing failed: {type(exc).__name__}: {exc}")
+            self.count("processing_failures")
 
     def parse(self, out: Outbox, model: type[E], message: Any) -> Any:
         """The validated event, or None after the message went to the dead letters with the reason.

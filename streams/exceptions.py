@@ -9,3 +9,7 @@ class QueryError(TaoflowError):
 
 class WorkerError(TaoflowError):
     """The stream worker cannot start (e.g. no broker reachable)."""
+
+
+class OversizeRecord(TaoflowError):
+    """An output record would exceed the broker's record size limit (TAOFLOW_STREAM_MAX_RECORD_BYTES)."""

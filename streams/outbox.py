@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from aiokafka.partitioner import murmur2
 
+from streams.exceptions import OversizeRecord
+
 
 @functools.lru_cache(maxsize=1 << 16)
 def _hash(key: bytes) -> int:
@@ -55,8 +57,9 @@ _TABLES: dict[int, tuple[Any, str, Any, Any]] = {}
 class Outbox:
     """Messages grouped by topic, in order; tables are written through it too (see `put_table`)."""
 
-    def __init__(self, partitions: dict[str, int]) -> None:
+    def __init__(self, partitions: dict[str, int], max_record_bytes: int = 1_000_000) -> None:
         self.partitions = partitions  # known partition counts (the tables' changelogs)
+        self.max_record_bytes = max_record_bytes
         self.msgs: dict[str, list[tuple[bytes | None, bytes | None, int | None]]] = defaultdict(list)
         # table changelog records go out only after every other output is acknowledged: if the worker dies
         # in between, the recovered tables do not yet know this batch, so its replay recomputes the same
@@ -64,8 +67,29 @@ class Outbox:
         self.table_msgs: dict[str, list[tuple[bytes | None, bytes | None, int | None]]] = defaultdict(list)
 
     def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
-        """Queue a message; without `partition`, the key's default partition (round robin without a key)."""
+        """Queue a message; without `partition`, the key's default partition (round robin without a key).
+        Raises OversizeRecord (nothing queued) when the broker would refuse it."""
+        self._check_size(topic, key, value)
         self.msgs[topic].append((key, value, partition))
+
+    def _check_size(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        size = len(key or b"") + len(value or b"")
+        if size > self.max_record_bytes:
+            raise OversizeRecord(
+                f"a {topic} record of {size} bytes would exceed the record size limit of {self.max_record_bytes} "
+                "bytes (TAOFLOW_STREAM_MAX_RECORD_BYTES; the broker refuses larger records)"
+            )
+
+    def mark(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Where the queued messages end now: `rollback` drops what was queued after it."""
+        return {t: len(m) for t, m in self.msgs.items()}, {t: len(m) for t, m in self.table_msgs.items()}
+
+    def rollback(self, mark: tuple[dict[str, int], dict[str, int]]) -> None:
+        """Drop the messages queued since `mark` (one record's outputs, when processing it failed). Table rows are
+        not restored: processors write their tables last, once everything else about a record succeeded."""
+        for queued, at in ((self.msgs, mark[0]), (self.table_msgs, mark[1])):
+            for topic, msgs in queued.items():
+                del msgs[at.get(topic, 0) :]
 
     def put_table(self, table: Any, key: str, value: dict[str, Any] | None) -> None:
         """Set (or with None, delete) a faust table key and queue its changelog record in this batch.
@@ -81,8 +105,10 @@ class Outbox:
             rows.pop(key, None)
             self.table_msgs[topic].append((orjson.dumps(key), None, part))
         else:
+            raw_key, raw = orjson.dumps(key), orjson.dumps(value)
+            self._check_size(topic, raw_key, raw)  # before the row changes: a refused state leaves the table as it was
             rows[key] = value
-            self.table_msgs[topic].append((orjson.dumps(key), orjson.dumps(value), part))
+            self.table_msgs[topic].append((raw_key, raw, part))
         if key_partition is not None:
             key_partition[key] = part
 

@@ -20,23 +20,25 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
     The table value holds those positions, so the check and the update are one changelog write.
     """
     table = table_rows(ctx.utilities)
-    alpha, u0 = ctx.cfg.alpha, ctx.cfg.initial_utility
     touched: dict[str, dict[str, Any]] = {}
     for msg in messages:
-        key = msg.key.decode()
-        r = orjson.loads(msg.value)
-        state = touched.get(key) or table.get(key) or {"u": u0, "n": 0, "last": None, "src": {}}
-        if r["pos"] <= state["src"].get(r["src"], -1):
-            ctx.count("duplicate_rewards")
-            continue
-        state["u"] = update_utility(state["u"], r["r"], alpha)
-        state["n"] += 1
-        state["last"] = r["r"]
-        state["src"][r["src"]] = r["pos"]
-        task_type, _, operator = key.partition("/")
-        value = utility_json(task_type, operator, state["u"], state["n"], r["r"], r["ts"])
-        out.add(ctx.topics.utilities.get_topic_name(), key.encode(), value)
-        touched[key] = state
-        ctx.count("utility_updates")
+        ctx.isolated(out, msg, _one, ctx, out, msg, table, touched)
     for key, state in touched.items():
         out.put_table(ctx.utilities, key, state)  # one changelog record per key per batch
+
+
+def _one(ctx: WorkerContext, out: Outbox, msg: Any, table: Any, touched: dict[str, dict[str, Any]]) -> None:
+    """Fold one reward; everything is computed before the state changes (see `WorkerContext.isolated`)."""
+    key = msg.key.decode()
+    r = orjson.loads(msg.value)
+    reward, src, pos = float(r["r"]), str(r["src"]), int(r["pos"])
+    state = touched.get(key) or table.get(key) or {"u": ctx.cfg.initial_utility, "n": 0, "last": None, "src": {}}
+    if pos <= state["src"].get(src, -1):
+        ctx.count("duplicate_rewards")
+        return
+    u = update_utility(state["u"], reward, ctx.cfg.alpha)
+    task_type, _, operator = key.partition("/")
+    value = utility_json(task_type, operator, u, state["n"] + 1, reward, r["ts"])
+    out.add(ctx.topics.utilities.get_topic_name(), key.encode(), value)
+    touched[key] = {**state, "u": u, "n": state["n"] + 1, "last": reward, "src": {**state["src"], src: pos}}
+    ctx.count("utility_updates")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -110,6 +111,17 @@ def gather(settings: Settings, since: datetime | None = None, task_type: str | N
         + (f" AND ts >= CAST({_lit(since.isoformat())} AS TIMESTAMPTZ)" if since else "")
         + " ORDER BY ts",
     )
+    # release decisions with the sequential test's evidence (serving/release.py): the gateway's promotions and
+    # rollbacks carry n per side, means, the always-valid interval and the statistic in `metrics`
+    decisions = _q(
+        settings,
+        "SELECT adapter, action, ts, reason, metrics FROM adapters WHERE action IN ('promoted', 'rolled_back')"
+        + (f" AND ts >= CAST({_lit(since.isoformat())} AS TIMESTAMPTZ)" if since else "")
+        + " ORDER BY ts",
+    )
+    for d in decisions:
+        if isinstance(d.get("metrics"), str):
+            d["metrics"] = json.loads(d["metrics"])
     health = {
         "freshness": _q(settings, "SELECT * FROM freshness"),
         "dead_letters": _q(settings, "SELECT * FROM dead_letter_rate"),
@@ -124,6 +136,7 @@ def gather(settings: Settings, since: datetime | None = None, task_type: str | N
         "leaderboard": leaderboard,
         "rounds": rounds,
         "adapter_events": events,
+        "release_decisions": decisions,
         "health": health,
     }
 
@@ -235,6 +248,19 @@ def render(data: dict[str, Any], console: Any) -> None:
             row["adapter"] or "-",
         )
     console.print(rt)
+    if data.get("release_decisions"):
+        dt = Table("adapter", "decision", "when", "n (adapter / reference)", "mean reward", "difference [95% interval]",
+                   title="Release decisions (sequential test on rewards)")  # fmt: skip
+        for d in data["release_decisions"][-15:]:
+            m = d.get("metrics") or {}
+            has = "diff" in m
+            dt.add_row(
+                d["adapter"], d["action"], str(d["ts"])[:19],
+                f"{m['n_challenger']:.0f} / {m['n_reference']:.0f}" if has else "-",
+                f"{m['mean_challenger']:.3f} / {m['mean_reference']:.3f}" if has else "-",
+                f"{m['diff']:+.3f} [{m['lower']:+.3f}, {m['upper']:+.3f}]" if has else (d.get("reason") or "-"),
+            )  # fmt: skip
+        console.print(dt)
     dl = ", ".join(
         f"{d['source_topic']}: {d['dead_letters']} ({_pct(d['rate'])})" for d in data["health"]["dead_letters"]
     )

@@ -222,6 +222,20 @@ class StreamSettings(_Component):
         "feedback for an unknown interaction goes to the dead letters after this",
     )  # fmt: skip
     expire_every_s: float = Field(default=60.0, gt=0, description="how often expired join state is removed")
+    max_record_bytes: int = Field(
+        default=1_000_000, ge=64 * 1024,
+        description="largest output record the worker sends (Kafka's default max.message.bytes is 1 MiB); a record's "
+        "outputs over it go to the dead letters",
+    )  # fmt: skip
+    max_parked_feedback: int = Field(
+        default=32, ge=1, description="feedback events kept for one interaction that has not arrived; more: dead letters"
+    )
+    max_parked_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="bytes of feedback kept for one interaction that has not arrived"
+    )
+    max_feedback_per_interaction: int = Field(
+        default=256, ge=1, description="distinct feedback events one interaction takes; more: dead letters"
+    )
     land: bool = Field(default=True, description="run the lander process beside the worker (DuckDB and/or Parquet)")
     land_duckdb: bool = Field(default=True, description="land in the DuckDB file (one owner, others stand by)")
     parquet_url: str | None = Field(
@@ -343,8 +357,22 @@ class ServeSettings(_Component):
         description="per task type; 'default' serves task types not listed",
     )
     canary_fraction: float = Field(default=0.1, ge=0, le=1, description="least share of traffic a canary gets")
-    promote_after: int = Field(default=20, ge=1, description="rewards a canary needs before promotion/rollback")
-    rollback_margin: float = Field(default=0.1, ge=0)
+    # release decisions: a sequential test on canary vs incumbent rewards (serving/release.py, bench/canary.py)
+    release_alpha: float = Field(
+        default=0.05, gt=0, lt=1, description="error rate of each release decision (promote a no-better canary, ...)"
+    )
+    release_tau: float = Field(
+        default=0.05, gt=0, description="the reward difference the test is tuned to detect fastest (mixture scale)"
+    )
+    release_min_effect: float = Field(default=0.0, ge=0, description="promote only when better by more than this")
+    rollback_margin: float = Field(default=0.0, ge=0, description="roll back when worse by more than this")
+    promote_after: int = Field(default=30, ge=2, description="least rewards per side before any decision")
+    release_max_rewards: int = Field(
+        default=20_000, ge=2, description="canary rewards after which an undecided canary is rolled back (unproven)"
+    )
+    watch_fraction: float = Field(
+        default=0.05, ge=0, le=1, description="share of traffic the previous adapter keeps while a promoted one is watched"
+    )
     agent_id: str = "gateway"
     vllm_api_key: SecretStr | None = Field(
         default=None, description="bearer key of the vLLM server (its VLLM_API_KEY / --api-key)"

@@ -8,12 +8,9 @@ broker.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
-from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,99 +18,15 @@ from typing import Any
 import orjson
 import pytest
 
-from learners.rewards import CompositeScorer, build_scorer
 from schemas import topics as names
-from streams import feedback, interactions, lander, rewards, store
-from streams.app import WorkerContext
-from streams.outbox import Outbox
-from streams.topics import REWARDS_INTERNAL, Topics
+from streams import lander, store
+from streams.topics import REWARDS_INTERNAL
 from taoflow.settings import Settings
-from tests.streams.harness import SCORERS
+from tests.streams.memory import Record, Worker
 
 ALICE, MALLORY = "a" * 32, "b" * 32  # caller hashes, as the gateway stamps them
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)  # events must be recent (EventTime)
 REFUSED = "feedback from another caller: refused"
-
-
-@dataclass
-class Record:
-    """A Kafka record as faust and aiokafka hand it over (the attributes the processors and the lander read)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-
-
-class Named:
-    """A topic or table changelog: only its name matters to the processors."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def get_topic_name(self) -> str:
-        return self.name
-
-
-class MemoryTable:
-    """A faust in-memory Table's surface that `streams.outbox` uses: its rows and its changelog topic."""
-
-    def __init__(self, name: str) -> None:
-        self.data: dict[str, Any] = {}
-        self.changelog_topic = Named(f"worker-{name}-changelog")
-
-
-class Worker:
-    """The stream worker's processors wired as the lane wires them, with a real DuckDB file as the lander's."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        settings = Settings(overrides={"core": {"data_dir": tmp_path}, "stream": {"scorers": json.loads(SCORERS)}})
-        cfg = settings.stream
-        tables = {name: MemoryTable(name) for name in ("interaction-join", "pending-feedback", "utilities")}
-        topic_names = {"interactions": names.INTERACTIONS, "feedback": names.FEEDBACK, "scores": names.SCORES,
-                       "utilities": names.UTILITIES, "dead_letters": names.DEAD_LETTERS, "rewards": REWARDS_INTERNAL}
-        self.ctx = WorkerContext(
-            settings=settings, cfg=cfg, limits=settings.limits.limits(),
-            scorer=CompositeScorer([build_scorer(s) for s in cfg.scorers], cfg.feedback_weights),
-            topics=Topics(**{k: Named(v) for k, v in topic_names.items()}),  # type: ignore[arg-type]
-            interactions=tables["interaction-join"], pending_feedback=tables["pending-feedback"],
-            utilities=tables["utilities"], producer=None,  # type: ignore[arg-type]
-            partitions={t.changelog_topic.get_topic_name(): 4 for t in tables.values()},
-        )  # fmt: skip
-        self.processors = {names.INTERACTIONS: interactions.process_batch, names.FEEDBACK: feedback.process_batch,
-                           REWARDS_INTERNAL: rewards.process_batch}  # fmt: skip
-        self.log: dict[str, list[Record]] = defaultdict(list)  # every record "in Kafka", per topic
-        self._offsets: dict[str, itertools.count[int]] = defaultdict(itertools.count)
-        self.con = store.connect(tmp_path / "taoflow.duckdb")
-
-    def produce(self, topic: str, key: bytes | None, value: bytes) -> Record:
-        rec = Record(topic, 0, next(self._offsets[topic]), key, value)
-        self.log[topic].append(rec)
-        return rec
-
-    def send(self, topic: str, doc: dict[str, Any]) -> None:
-        """Produce one event and run the worker until it and everything it caused is processed and landed."""
-        key = doc.get("interaction_id", doc.get("event_id", "")).encode()
-        batch = [self.produce(topic, key, orjson.dumps(doc))]
-        while batch:
-            out = Outbox(self.ctx.partitions)
-            self.processors[batch[0].topic](self.ctx, out, batch)
-            self.land(batch)
-            made = [self.produce(t, k, v) for t, msgs in out.msgs.items() for k, v, _ in msgs if v is not None]
-            self.land([r for r in made if r.topic != REWARDS_INTERNAL])
-            batch = [r for r in made if r.topic == REWARDS_INTERNAL]
-
-    def land(self, records: list[Record]) -> None:
-        for table, cols in lander.to_rows(records, self.ctx.limits).items():
-            store.insert(self.con, table, cols)
-
-    def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
-        return list(self.con.execute(query, list(args)).fetchall())
-
-    def reward_records(self, iid: str) -> list[dict[str, Any]]:
-        """What the utility agent was handed for this interaction."""
-        return [r for r in map(orjson.loads, (m.value for m in self.log[REWARDS_INTERNAL])) if r["iid"] == iid]
 
 
 @pytest.fixture
@@ -228,8 +141,10 @@ def test_an_outcome_file_from_before_callers_opens_and_lands_them(tmp_path: Path
     old.execute("CREATE TABLE feedback (event_id VARCHAR PRIMARY KEY, interaction_id VARCHAR NOT NULL, "
                 "ts TIMESTAMPTZ NOT NULL, kind VARCHAR NOT NULL, value DOUBLE NOT NULL, metadata JSON, "
                 "landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp)")  # fmt: skip
-    old.execute("INSERT INTO interactions (event_id, ts, agent_id, task_type, operator, prompt, prompt_is_chat, "
-                "prompt_hash, response, latency_ms) VALUES ('old', now(), 'a', 'qa', 'o', 'p', false, 'h', 'r', 1)")
+    old.execute(
+        "INSERT INTO interactions (event_id, ts, agent_id, task_type, operator, prompt, prompt_is_chat, "
+        "prompt_hash, response, latency_ms) VALUES ('old', now(), 'a', 'qa', 'o', 'p', false, 'h', 'r', 1)"
+    )
     assert "caller" not in [c[0] for c in old.execute("DESCRIBE interactions").fetchall()]
     old.close()
     con = store.connect(path)

@@ -91,3 +91,59 @@ def test_error_rates_and_power_by_simulation(kind: str) -> None:
     assert (v == -1).mean() >= 0.8 and (v == 1).mean() <= 0.05
     back = canary.watch(rng, 100, -0.10, kind, rule, share=0.1)
     assert (back >= 0).mean() >= 0.8
+
+
+def test_the_router_promotes_watches_and_rolls_back_on_rewards_not_utilities() -> None:
+    from serving.router import Router
+    from taoflow.settings import Settings
+
+    cfg = Settings(overrides={"serve": {"canary_fraction": 0.5, "watch_fraction": 0.5, "promote_after": 30}}).serve
+    r = Router(cfg, initial_utility=0.0, noise_s=0.0, seed=1)
+    counts: dict[str, int] = {}
+
+    def reward(op: str, x: float, live: bool = True) -> None:
+        counts[op] = counts.get(op, 0) + 1
+        r.update_utility("qa", op, x, counts[op], last_reward=x, live=live)
+
+    rng = random.Random(5)
+    for _ in range(50):  # before the canary: the incumbent's rewards are no evidence about it
+        reward("default@base", 0.0)
+    r.apply_event("published", "ad1")
+    reward("default@ad1", 1.0, live=False)  # a replayed update (catch-up after a restart) is not counted
+    assert r.test is None or r.test.evidence() is None
+    decision = None
+    while decision is None:
+        reward("default@ad1", float(rng.random() < 0.8))
+        reward("default@base", float(rng.random() < 0.5))
+        decision = r.decide()
+    assert decision.action == "promoted" and r.incumbent == "ad1"
+    assert decision.metrics["lower"] > 0 and decision.metrics["n_challenger"] >= 30
+    # watched: the base it replaced keeps a share of the traffic, and the same test rolls a regression back
+    served = [r.choose("qa").adapter for _ in range(400)]
+    assert 100 < served.count(None) < 300 and served.count("ad1") > 100
+    decision = None
+    while decision is None:
+        reward("default@ad1", float(rng.random() < 0.3))
+        reward("default@base", float(rng.random() < 0.5))
+        decision = r.decide()
+    assert decision.action == "rolled_back" and decision.adapter == "ad1" and r.incumbent is None
+    assert "worse than the adapter it replaced" in decision.reason
+
+
+def test_an_equal_canary_is_not_promoted_and_is_rolled_back_unproven_at_the_cap() -> None:
+    from serving.router import Router
+    from taoflow.settings import Settings
+
+    cfg = Settings(overrides={"serve": {"release_max_rewards": 400}}).serve
+    r = Router(cfg, initial_utility=0.0, noise_s=0.0, seed=2)
+    r.apply_event("published", "ad1")
+    rng = random.Random(9)
+    decision = None
+    n = 0
+    while decision is None:
+        n += 1
+        r.update_utility("qa", "default@ad1", 0.5, n, last_reward=float(rng.random() < 0.5), live=True)
+        r.update_utility("qa", "default@base", 0.5, n, last_reward=float(rng.random() < 0.5), live=True)
+        decision = r.decide()
+    assert decision.action == "rolled_back" and "not shown better after 400 rewards" in decision.reason
+    assert n == 400

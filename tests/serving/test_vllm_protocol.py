@@ -117,10 +117,11 @@ def test_gateway_drives_vllm_runtime_lora_loading_generation_and_unloading(
         sent = [b["model"] for m, p, b in FakeVllm.calls if p.endswith("completions")]
         assert sent[-3:] == ["ad-v", "ad-v", "ad-v"]
 
-        # the canary does worse: rolled back, and unloaded from vLLM
-        for op, u, n in (("default@base", 0.8, 10), ("default@ad-v", 0.1, 5)):
-            ue = UtilityEvent(task_type="default", operator=op, utility=u, n=n)
-            producer.send("taoflow.utilities", key=f"default/{op}".encode(), value=ue.to_json_bytes())
+        # the canary does worse (the stream's utility updates carry each reward): rolled back, unloaded from vLLM
+        for n in range(1, 6):
+            for op, r in (("default@base", 1.0), ("default@ad-v", 0.0)):
+                ue = UtilityEvent(task_type="default", operator=op, utility=r, n=n, last_reward=r)
+                producer.send("taoflow.utilities", key=f"default/{op}".encode(), value=ue.to_json_bytes())
         producer.flush()
         _wait(lambda: ("POST", "/v1/unload_lora_adapter", {"lora_name": "ad-v"}) in FakeVllm.calls)
         assert gw.router.canary is None and "ad-v" not in backend.adapters
