@@ -320,14 +320,18 @@ def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
                 elif action == "broker-cont" and broker.proc is not None:
                     os.kill(broker.proc.pid, signal.SIGCONT)
             if queue and queue[0][0] <= now:
-                _at, kind, slot, how_long = queue.pop(0)
-                w = slots[slot]
+                _at, kind, drawn, how_long = queue.pop(0)
                 live = [s for s, x in enumerate(slots) if x is not None and x.running and not x.paused]
+                empty = [s for s, x in enumerate(slots) if x is None or not x.running]
+                # the drawn slot index picks among the workers the fault applies to now
+                pool = empty if kind == "join" else live if kind != "broker" else [0]
+                slot = pool[drawn % len(pool)] if pool else drawn
+                w = slots[slot]
                 if kind in ("kill", "term") and w is not None and w.running and not w.paused:
                     w.stop(signal.SIGKILL if kind == "kill" else signal.SIGTERM)
                     retired.append(w)
                     pending.append((now + how_long, "restart", slot))
-                elif kind == "stop" and w is not None and w.running and not w.paused and len(live) > 1:
+                elif kind == "stop" and w is not None and w.running and not w.paused:
                     w.send(signal.SIGSTOP, group=True)
                     w.paused = True
                     pending.append((now + SESSION_TIMEOUT_S + 2 + how_long, "cont", slot))

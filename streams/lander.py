@@ -88,7 +88,7 @@ def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
                 u = fast_utility(rec.value, limits) or dict(UtilityEvent.model_validate_json(rec.value))
                 tt, op, n, util, last = u["task_type"], u["operator"], u["n"], u["utility"], u["last_reward"]
                 _append(out["utility_history"], "utility_history", (tt, op, n, util, last, u["ts"]))
-                _append(out["utilities"], "utilities", (tt, op, util, n, last, u["ts"]))
+                _append(out["utilities"], "utilities", (tt, op, util, n, last, u["ts"], u["imported"]))
             elif rec.topic == names.DEAD_LETTERS:
                 d = DeadLetter.model_validate_json(rec.value)
                 _append(
@@ -394,7 +394,19 @@ def main() -> None:
                     stop.set()
                 await asyncio.sleep(0.5)
 
+        async def deadline() -> None:
+            # asked to stop, a lander finishes the batch in hand and leaves; with the broker unreachable its Kafka
+            # calls could wait for minutes while it holds the DuckDB file a standby must take over. Past the bound it
+            # exits at once: a batch not committed is rolled back by DuckDB and delivered again (idempotent landing)
+            await stop.wait()
+            await asyncio.sleep(settings.stream.stop_timeout_s)
+            log.warning("lander did not stop within %.0fs (broker unreachable?); exiting now",
+                        settings.stream.stop_timeout_s)  # fmt: skip
+            logging.shutdown()
+            os._exit(3)
+
         watch = asyncio.create_task(orphan_watch())
+        bound = asyncio.create_task(deadline())
         jobs = []
         if settings.stream.land_duckdb:
             jobs.append(Lander(settings).run(stop))
@@ -407,6 +419,7 @@ def main() -> None:
         finally:
             stop.set()
             watch.cancel()
+            bound.cancel()
 
     asyncio.run(run())
 

@@ -53,9 +53,36 @@ class LanderSupervisor:
                 self.proc.kill()
 
 
+def bounded_worker_class(stop_timeout_s: float) -> type:
+    """faust's Worker (through its own signal hooks) that exits at most `stop_timeout_s` after SIGTERM or SIGINT:
+    faust's shutdown waits on Kafka (a last commit, the producer flush), which can take minutes when the broker is
+    unreachable. What was not committed by then is read again by the partitions' next owner (nothing is lost)."""
+    import faust
+
+    class BoundedWorker(faust.Worker):  # type: ignore[misc]
+        def _arm(self) -> None:
+            def exit_now() -> None:
+                log.warning("worker did not stop within %.0fs (broker unreachable?); exiting now", stop_timeout_s)
+                logging.shutdown()
+                os._exit(3)
+
+            timer = threading.Timer(stop_timeout_s, exit_now)
+            timer.daemon = True
+            timer.start()
+
+        def _on_sigterm(self) -> None:
+            self._arm()
+            super()._on_sigterm()
+
+        def _on_sigint(self) -> None:
+            self._arm()
+            super()._on_sigint()
+
+    return BoundedWorker
+
+
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run the stream processors until SIGINT/SIGTERM (blocking)."""
-    import faust
 
     from streams.app import build_app
 
@@ -89,7 +116,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
 
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
+    worker_class = bounded_worker_class(cfg.stop_timeout_s)
+    worker = worker_class(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
     started = time.monotonic()
     try:
         worker.execute_from_commandline()

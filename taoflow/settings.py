@@ -210,6 +210,11 @@ class StreamSettings(_Component):
     sql_max_body: int = Field(default=64 * 1024, ge=1024, description="bytes a SQL request body may have")
     alpha: float = Field(default=0.2, gt=0, le=1)
     initial_utility: float = 0.0
+    knowledge_discount: float = Field(
+        default=0.1, gt=0, le=1,
+        description="share of an imported utility's reward count kept as evidence (`taoflow knowledge import`); "
+        "the rest is discounted so that this deployment's own rewards soon outweigh another model's",
+    )  # fmt: skip
     discount: float = Field(default=0.0, ge=0, description="reward lost per second between selection and reward")
     noise_s: float = Field(default=0.1, ge=0, description="scale of the Logistic(0, s) selection noise")
     scorers: list[ScorerSpec] = Field(default_factory=list)
@@ -222,6 +227,9 @@ class StreamSettings(_Component):
         "feedback for an unknown interaction goes to the dead letters after this",
     )  # fmt: skip
     expire_every_s: float = Field(default=60.0, gt=0, description="how often expired join state is removed")
+    stop_timeout_s: float = Field(
+        default=20.0, gt=0, description="a worker or lander asked to stop exits within this (broker unreachable too)"
+    )
     max_record_bytes: int = Field(
         default=1_000_000, ge=64 * 1024,
         description="largest output record the worker sends (Kafka's default max.message.bytes is 1 MiB); a record's "
