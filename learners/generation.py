@@ -94,6 +94,7 @@ class TransformersGenerator:
         temperature: float,
         max_new_tokens: int,
         greedy: bool = False,
+        top_p: float = 1.0,
         progress: Progress | None = None,
     ) -> list[list[str]]:
         import torch
@@ -113,7 +114,7 @@ class TransformersGenerator:
                     max_new_tokens=max_new_tokens,
                     do_sample=not greedy,
                     temperature=None if greedy else temperature,
-                    top_p=None,
+                    top_p=None if greedy or top_p >= 1 else top_p,
                     top_k=None,
                     num_return_sequences=1 if greedy else n,
                     pad_token_id=tok.pad_token_id,
@@ -152,13 +153,18 @@ class VllmGenerator:
         temperature: float,
         max_new_tokens: int,
         greedy: bool = False,
+        top_p: float = 1.0,
         progress: Progress | None = None,
     ) -> list[list[str]]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         params = SamplingParams(
-            n=1 if greedy else n, temperature=0.0 if greedy else temperature, max_tokens=max_new_tokens, seed=self.seed
+            n=1 if greedy else n,
+            temperature=0.0 if greedy else temperature,
+            top_p=1.0 if greedy else top_p,
+            max_tokens=max_new_tokens,
+            seed=self.seed,
         )
         lora = None
         if self.adapter is not None:

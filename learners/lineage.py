@@ -63,8 +63,8 @@ def adapter_events(settings: Settings) -> list[tuple[str, str]]:
     try:
         return [(str(a), str(n)) for a, n in query(sql, settings).rows]
     except QueryError as exc:
-        if "adapters" in str(exc) and "does not exist" in str(exc):
-            return []
+        if str(exc).startswith("no outcome database") or ("adapters" in str(exc) and "does not exist" in str(exc)):
+            return []  # nothing was ever landed, so nothing was ever published
         raise LearnerError(f"cannot read the adapters table to find the served adapter: {exc}") from None
 
 

@@ -7,6 +7,14 @@ Every stage is recorded before it starts and after it ends, in the round's state
 `adapters` row follow. A process that dies anywhere leaves a round in state `running`; the next round
 (or `taoflow learner` at start) marks it failed and removes whatever it staged or renamed but had not
 committed, so no adapter is ever published half-way or published but unrecorded.
+
+Where each decision lives: the parent (the adapter the gateway serves, never a rolled-back one) in
+`learners.lineage`; the held-out split and the gate's statistics (fresh draws, MinHash near duplicates, alpha
+spending across rounds, per-task regressions) in `learners.gate`; what each mode trains on, and how the generate
+stage's strategies reach the update, in `learners.candidates`; the TRL trainers and the KL reference in
+`learners.training`. Modes: `grpo`, `offline` (DPO), `rft` (SFT on verified best candidates), `rft+grpo`.
+The generate stage scores as it samples: a prompt whose k candidates all failed (none at `reward_threshold`,
+or, for grpo/offline, all equal) is sampled again, up to `k_max`, and the counts are in the round's metrics.
 """
 
 from __future__ import annotations
@@ -14,11 +22,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
-import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import time
 import uuid
@@ -29,6 +35,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from learners import gate, lineage
 from learners.exceptions import LearnerError
 from learners.records import RecordSink
 from learners.rewards.composite import CompositeScorer
@@ -258,29 +265,12 @@ def _sql_str(value: str) -> str:
 
 
 def is_heldout(prompt_hash: str, fraction: float) -> bool:
-    """A stable split by content hash: a prompt stays on its side in every round.
+    """A stable split by content hash (kept for callers outside the learner; rounds use `gate.split_prompts`).
 
     >>> is_heldout("0" * 64, 0.2), is_heldout("f" * 64, 0.2)
     (True, False)
     """
     return int(prompt_hash[:8], 16) % 10_000 < fraction * 10_000
-
-
-def paired_bootstrap(diffs: list[float], confidence: float, seed: int, resamples: int = 4000) -> tuple[float, float]:
-    """Mean of paired differences and its one-sided lower confidence bound (percentile bootstrap).
-
-    >>> paired_bootstrap([0.0, 0.0, 0.0], 0.9, 0)
-    (0.0, 0.0)
-    >>> m, lcb = paired_bootstrap([1.0] * 8 + [0.0] * 2, 0.9, 0); m, lcb > 0.5
-    (0.8, True)
-    """
-    n = len(diffs)
-    if n == 0:
-        return 0.0, 0.0
-    mean = sum(diffs) / n
-    rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return mean, means[int((1 - confidence) * resamples)]
 
 
 def default_base_model(settings: Settings) -> str:
@@ -320,14 +310,26 @@ def build_round_scorer(settings: Settings) -> CompositeScorer:
     return CompositeScorer([build_scorer(s) for s in specs])
 
 
-def _digest(files: list[Path]) -> tuple[str, dict[str, str]]:
-    per = {}
-    total = hashlib.sha256()
-    for f in sorted(files):
-        h = hashlib.sha256(f.read_bytes()).hexdigest()
-        per[f.name] = h
-        total.update(f"{f.name} {h}\n".encode())
-    return total.hexdigest(), per
+class TrainedQuestions:
+    """Question keys some round trained on: the held-out draw never takes them (append-only file)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = learner_dir(settings) / "trained-questions.txt"
+
+    def load(self) -> set[str]:
+        try:
+            return set(self.path.read_text().split())
+        except FileNotFoundError:
+            return set()
+
+    def add(self, keys: set[str]) -> None:
+        new = keys - self.load()
+        if new:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write("".join(f"{k}\n" for k in sorted(new)))
+                f.flush()
+                os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,7 +342,7 @@ class Prompt:
     prompt: Any  # text, or chat messages
     task_type: str
     metadata: dict[str, Any]
-    heldout: bool
+    heldout: bool = False
     ts: str | None = None
 
 
@@ -353,15 +355,23 @@ class Round:
         self.sink = sink
         self.reporter = reporter or Reporter()
         from learners.generation import resolve_device, resolve_dtype
+        from learners.training import check_trl_overrides
 
         self.device = resolve_device(self.cfg.device)
         self.dtype = resolve_dtype(self.cfg.dtype, self.device)
+        check_trl_overrides(self.cfg.trl, self.cfg.mode)
         self.scorer = build_round_scorer(settings)
         self.base_model = default_base_model(settings)
         check_model(self.base_model)
-        parent = current_adapter(settings)
-        self.parent_name = parent["adapter"] if parent else None
-        self.parent = settings.core.adapters_dir / parent["adapter"] if parent else None
+        self.parent_name = lineage.served_adapter(lineage.adapter_events(settings), self.cfg.parent_from)
+        self.parent = settings.core.adapters_dir / self.parent_name if self.parent_name else None
+        if self.parent is not None:
+            if not (self.parent / "manifest.json").exists():
+                raise LearnerError(
+                    f"the {self.cfg.parent_from} adapter {self.parent_name} is missing from "
+                    f"{settings.core.adapters_dir}; restore it, or roll it back so the gateway serves its predecessor"
+                )
+            lineage.check_lora_shape(self.parent, self.cfg)
         rid = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.state = RoundState(
             settings,
@@ -373,6 +383,7 @@ class Round:
                 "started_at": _now(),
                 "base_model": self.base_model,
                 "parent_adapter": self.parent_name,
+                "parent_from": self.cfg.parent_from,
                 "mode": self.cfg.mode,
                 "k": self.cfg.k,
                 "timings": {},
@@ -384,10 +395,26 @@ class Round:
         self.work = learner_dir(settings) / "rounds" / rid
         self.seed = self.cfg.seed + len(load_rounds(settings))  # repeatable, and different every round
         self.metrics: dict[str, float] = {}
+        self.gate_reason = ""
+        self._tokenizer: Any = None
+        self._question_keys: dict[str, str] = {}
 
     @property
     def round_id(self) -> str:
         return str(self.state.doc["round_id"])
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        return self._tokenizer
+
+    def render(self, prompt: Any, strategy: str = "plain") -> str:
+        from learners.generation import render
+
+        return render(prompt, self.tokenizer, strategy)
 
     # -- driver -----------------------------------------------------------------------------------------------
 
@@ -405,31 +432,28 @@ class Round:
         self.state.save()
         try:
             prompts = self._stage("select", self.select)
-            train = [p for p in prompts if not p.heldout]
-            heldout = [p for p in prompts if p.heldout]
+            train, heldout = self.split(prompts)
             self.state.save(prompts=len(train), heldout=len(heldout))
             if not train or not heldout:
                 return self._end(
                     "skipped",
-                    f"too few prompts: {len(train)} to train on, {len(heldout)} held out (the gate needs both)",
+                    f"too few prompts: {len(train)} to train on, {len(heldout)} held out (the gate needs both; "
+                    f"{int(self.metrics.get('heldout_eligible_questions', 0))} questions were never trained on)",
                 )
             candidates = self._stage("generate", lambda: self.generate(train))
-            informative = self._stage("score", lambda: self.score(train, candidates))
-            if not informative:
-                return self._end("skipped", f"no signal: the {self.cfg.k} candidates of every prompt scored the same")
+            sets = self._stage("score", lambda: self.score(train, candidates))
+            if not sets.size(self.cfg.mode):
+                return self._end(
+                    "skipped",
+                    f"no signal: no prompt's candidates (k={self.cfg.k}, up to {self._k_max} after resampling) "
+                    f"{'passed the reward threshold' if self.cfg.mode == 'rft' else 'scored differently'}",
+                )
             self.work.mkdir(parents=True, exist_ok=True)
             adapter_dir = self.work / "adapter"
-            self._stage("train", lambda: self.train(informative, adapter_dir))
+            self._stage("train", lambda: self.train(sets, adapter_dir))
             passed = self._stage("gate", lambda: self.gate(heldout, adapter_dir))
             if not passed:
-                m = self.metrics
-                return self._end(
-                    "gated_out",
-                    f"held-out reward {m['heldout_reward_new']:.3f} vs current "
-                    f"{m['heldout_reward_current']:.3f}: gain {m['gain']:+.3f}, lower "
-                    f"{self.cfg.gate_confidence:.0%} bound {m['gain_lcb']:+.3f} is not above the margin "
-                    f"{self.cfg.gate_margin:+.3f}",
-                )
+                return self._end("gated_out", self.gate_reason)
             self._stage("publish", lambda: self.publish(adapter_dir))
             return RoundResult(self.round_id, "published", doc.get("adapter"), self.metrics, doc["timings"])
         except Exception as exc:
@@ -463,7 +487,7 @@ class Round:
     # -- stages -----------------------------------------------------------------------------------------------
 
     def select(self) -> list[Prompt]:
-        """Distinct prompts (by content hash) from `interactions`, newest first; inputs only."""
+        """Distinct prompts (by content hash) from `interactions`, newest first, at most `task_quotas` per task type."""
         from streams.exceptions import QueryError
         from streams.sqlapi import query
 
@@ -473,33 +497,56 @@ class Round:
             where.append("task_type IN (" + ", ".join(_sql_str(t) for t in self.cfg.task_types) + ")")
         if self.cfg.window_hours:
             where.append(f"ts >= now() - INTERVAL {int(self.cfg.window_hours * 3600)} SECOND")
+        quotas = dict(self.cfg.task_quotas)
+        default_quota = int(quotas.pop("default", self.cfg.max_prompts))
+        quota = str(default_quota)
+        if quotas:
+            whens = "".join(f"WHEN {_sql_str(t)} THEN {int(q)} " for t, q in quotas.items())
+            quota = f"CASE task_type {whens}ELSE {default_quota} END"
         sql = (
-            "SELECT prompt_hash, arg_max(prompt, ts), bool_or(prompt_is_chat), arg_max(task_type, ts), "
-            "arg_max(CAST(metadata AS VARCHAR), ts), CAST(max(ts) AS VARCHAR) FROM interactions "
-            + (f"WHERE {' AND '.join(where)} " if where else "")
-            + f"GROUP BY prompt_hash ORDER BY max(ts) DESC, prompt_hash LIMIT {self.cfg.max_prompts}"
+            "SELECT prompt_hash, prompt, chat, task_type, meta, CAST(last AS VARCHAR) FROM ("
+            "SELECT prompt_hash, arg_max(prompt, ts) AS prompt, bool_or(prompt_is_chat) AS chat, "
+            "arg_max(task_type, ts) AS task_type, arg_max(CAST(metadata AS VARCHAR), ts) AS meta, max(ts) AS last "
+            "FROM interactions " + (f"WHERE {' AND '.join(where)} " if where else "") + "GROUP BY prompt_hash) "
+            f"QUALIFY row_number() OVER (PARTITION BY task_type ORDER BY last DESC, prompt_hash) <= {quota} "
+            f"ORDER BY last DESC, prompt_hash LIMIT {self.cfg.max_prompts}"
         )
         try:
             rows = query(sql, self.settings).rows
         except QueryError as exc:
             raise LearnerError(f"cannot read prompts: {exc}") from None
         prompts = [
-            Prompt(
-                h,
-                json.loads(text) if chat else text,
-                task,
-                json.loads(meta or "{}") or {},
-                is_heldout(h, self.cfg.heldout_fraction),
-                ts,
-            )
+            Prompt(h, json.loads(text) if chat else text, task, json.loads(meta or "{}") or {}, False, ts)
             for h, text, chat, task, meta, ts in rows
         ]
         times = sorted(p.ts for p in prompts if p.ts)
         if times:
             self.state.doc.update(window_start=times[0], window_end=times[-1])
         self.metrics["prompts_selected"] = len(prompts)
+        for task in sorted({p.task_type for p in prompts}):
+            self.metrics[f"task.{task}.selected"] = float(sum(p.task_type == task for p in prompts))
         _checkpoint(self.settings, "select")
         return prompts
+
+    def split(self, prompts: list[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
+        """This round's fresh held-out draw (see `learners.gate`); nothing near a held-out prompt is trained on."""
+        s = gate.split_prompts(
+            [p.prompt for p in prompts],
+            fraction=self.cfg.heldout_fraction,
+            trained=TrainedQuestions(self.settings).load(),
+            seed=self.seed,
+            id_digits=self.cfg.heldout_id_digits,
+            near_duplicate=self.cfg.heldout_near_duplicate,
+        )
+        for i in s.heldout:
+            prompts[i].heldout = True
+        self._question_keys = {p.hash: gate.question_key(p.prompt, self.cfg.heldout_id_digits) for p in prompts}
+        self.metrics.update(
+            heldout_eligible_questions=float(s.eligible_questions),
+            train_near_heldout_dropped=float(s.near_duplicates_dropped),
+            heldout_duplicates_dropped=float(s.duplicates_dropped),
+        )
+        return [prompts[i] for i in s.train], [prompts[i] for i in s.heldout]
 
     def _policy(self, adapter: Path | None) -> Any:
         from learners.generation import TransformersGenerator, VllmGenerator, load_policy
@@ -512,47 +559,85 @@ class Round:
         model, tok = load_policy(self.base_model, adapter, device=self.device, dtype=self.dtype)
         return TransformersGenerator(model, tok, batch_size=self.cfg.generation_batch_size, seed=self.seed)
 
-    def generate(self, prompts: list[Prompt]) -> dict[str, list[dict[str, Any]]]:
-        """k candidates per prompt, spread over the (strategy, temperature) combinations."""
-        gen = self._policy(self.parent)
-        combos = list(product(self.cfg.strategies, self.cfg.temperatures))
-        counts = [self.cfg.k // len(combos) + (1 if i < self.cfg.k % len(combos) else 0) for i in range(len(combos))]
-        self.reporter.stage("generate", len(prompts) * sum(1 for c in counts if c))
-        out: dict[str, list[dict[str, Any]]] = {p.hash: [] for p in prompts}
-        from learners.generation import render
+    @property
+    def _k_max(self) -> int:
+        return max(self.cfg.k, self.cfg.k_max or 2 * self.cfg.k)
 
-        for (strategy, temp), n in zip(combos, counts, strict=True):
-            if not n:
+    def _sample(self, gen: Any, prompts: list[Prompt], n: int, out: dict[str, list[dict[str, Any]]]) -> None:
+        """n more candidates per prompt, spread over the (strategy, temperature) combinations, scored."""
+        from learners.candidates import split_counts
+
+        combos = list(product(self.cfg.strategies, self.cfg.temperatures))
+        new: list[tuple[Prompt, dict[str, Any]]] = []
+        for (strategy, temp), count in zip(combos, split_counts(n, len(combos)), strict=True):
+            if not count:
                 continue
-            texts = [render(p.prompt, gen.tokenizer, strategy) for p in prompts]
+            texts = [self.render(p.prompt, strategy) for p in prompts]
             results = gen.generate(
-                texts, n=n, temperature=temp, max_new_tokens=self.cfg.max_new_tokens, progress=self.reporter.advance
+                texts, n=count, temperature=temp, max_new_tokens=self.cfg.max_new_tokens, progress=self.reporter.advance
             )
             for p, responses in zip(prompts, results, strict=True):
                 for r in responses:
-                    out[p.hash].append({"strategy": strategy, "temperature": temp, "response": r})
-        self.metrics["generated_tokens"] = float(gen.tokens)
-        self.metrics["generation_tokens_per_s"] = round(gen.tokens / gen.seconds, 1) if gen.seconds else 0.0
+                    new.append((p, {"strategy": strategy, "temperature": temp, "response": r}))
+        parts = self.scorer.rule_parts(
+            [c["response"] for _, c in new],
+            prompts=[p.prompt for p, _ in new],
+            task_types=[p.task_type for p, _ in new],
+            metadata=[p.metadata for p, _ in new],
+        )
+        for (p, c), part in zip(new, parts, strict=True):
+            c["reward"] = self.scorer.compose(part).reward
+            c["parts"] = part
+            out[p.hash].append(c)
+
+    def generate(self, prompts: list[Prompt]) -> dict[str, list[dict[str, Any]]]:
+        """k scored candidates per prompt; prompts whose candidates all failed get more, up to k_max (adaptive k)."""
+        from learners.candidates import failed
+
+        gen = self._policy(self.parent)
+        self.reporter.stage("generate", len(prompts))
+        out: dict[str, list[dict[str, Any]]] = {p.hash: [] for p in prompts}
+        self._sample(gen, prompts, self.cfg.k, out)
+
+        def failing() -> list[Prompt]:
+            rewards = {h: [c["reward"] for c in cs if c["reward"] is not None] for h, cs in out.items()}
+            return [p for p in prompts if failed(rewards[p.hash], self.cfg.reward_threshold, self.cfg.mode)]
+
+        first_failed = failing()
+        todo = [p for p in first_failed if len(out[p.hash]) < self._k_max]
+        extra = 0
+        while todo:
+            n = min(self.cfg.k, self._k_max - len(out[todo[0].hash]))
+            self._sample(gen, todo, n, out)
+            extra += n * len(todo)
+            still = {p.hash for p in failing()}
+            todo = [p for p in todo if p.hash in still and len(out[p.hash]) < self._k_max]
+        still = {p.hash for p in failing()}
+        self.metrics.update(
+            prompts_resampled=float(len(first_failed) if self._k_max > self.cfg.k else 0),
+            prompts_rescued=float(sum(p.hash not in still for p in first_failed)),
+            prompts_failed_at_k_max=float(len(still)),
+            candidates_extra=float(extra),
+            generated_tokens=float(gen.tokens),
+            generation_tokens_per_s=round(gen.tokens / gen.seconds, 1) if gen.seconds else 0.0,
+        )
+        if first_failed:
+            log.info(
+                "%d of %d prompts failed with k=%d; resampled up to %d: %d rescued, %d still failed",
+                len(first_failed), len(prompts), self.cfg.k, self._k_max,
+                len(first_failed) - len(still), len(still),
+            )  # fmt: skip
         del gen
         gc.collect()
         _checkpoint(self.settings, "generate")
         return out
 
-    def score(self, prompts: list[Prompt], candidates: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Score every candidate with the round's scorers; keep prompts whose candidates disagree."""
+    def score(self, prompts: list[Prompt], candidates: dict[str, list[dict[str, Any]]]) -> Any:
+        """Record every scored candidate; build what the mode trains on (see `learners.candidates`)."""
+        from learners.candidates import training_sets
+
         self.reporter.stage("score", len(prompts))
-        flat = [(p, c) for p in prompts for c in candidates[p.hash]]
-        parts = self.scorer.rule_parts(
-            [c["response"] for _, c in flat],
-            prompts=[p.prompt for p, _ in flat],
-            task_types=[p.task_type for p, _ in flat],
-            metadata=[p.metadata for p, _ in flat],
-        )
-        rows = []
-        for (_, c), part in zip(flat, parts, strict=True):
-            c["reward"] = self.scorer.compose(part).reward
-            c["parts"] = part
-        informative, uniform, best, mean, n_scored = [], 0, [], [], 0
+        rows, best, mean, uniform, unscorable = [], [], [], 0, 0
         for p in prompts:
             cands = candidates[p.hash]
             for i, c in enumerate(cands):
@@ -571,131 +656,177 @@ class Round:
                     }
                 )
             rewards = [c["reward"] for c in cands if c["reward"] is not None]
-            if rewards:
-                n_scored += 1
-                best.append(max(rewards))
-                mean.append(sum(rewards) / len(rewards))
-            if len(rewards) < 2 or max(rewards) == min(rewards):
-                uniform += 1
+            if not rewards:
+                unscorable += 1
                 continue
-            ranked = sorted((c for c in cands if c["reward"] is not None), key=lambda c: c["reward"])
-            informative.append(
-                {
-                    "hash": p.hash,
-                    "text": p.prompt,
-                    "task_type": p.task_type,
-                    "metadata": p.metadata,
-                    "chosen": ranked[-1]["response"],
-                    "rejected": ranked[0]["response"],
-                }
-            )
+            best.append(max(rewards))
+            mean.append(sum(rewards) / len(rewards))
+            uniform += max(rewards) == min(rewards)
             self.reporter.advance(1)
         for start in range(0, len(rows), 2000):
             self.sink.write("tao_candidates", rows[start : start + 2000])
+        sets = training_sets(
+            prompts,
+            candidates,
+            self.render,
+            threshold=self.cfg.reward_threshold,
+            rft_per_prompt=self.cfg.rft_per_prompt,
+        )
         self.metrics.update(
             candidates=float(len(rows)),
-            prompts_informative=float(len(informative)),
+            prompts_informative=float(len({r["hash"] for r in self._used(sets)})),
             prompts_uniform_skipped=float(uniform),
+            prompts_unscorable=float(unscorable),
+            rft_examples=float(len(sets.rft)),
+            grpo_rows=float(len(sets.grpo)),
+            dpo_pairs=float(len(sets.dpo)),
             candidate_reward_mean=round(sum(mean) / len(mean), 4) if mean else 0.0,
             best_of_k_reward=round(sum(best) / len(best), 4) if best else 0.0,
         )
-        if uniform:
+        if uniform or unscorable:
             log.info(
-                "%d of %d prompts carry no signal (all %d candidates scored the same); skipped",
-                uniform,
-                len(prompts),
-                self.cfg.k,
-            )
+                "%d of %d prompts: all candidates scored the same; %d: no scorer applies",
+                uniform, len(prompts), unscorable,
+            )  # fmt: skip
         _checkpoint(self.settings, "score")
-        return informative
+        return sets
 
-    def train(self, informative: list[dict[str, Any]], out: Path) -> None:
+    def _used(self, sets: Any) -> list[dict[str, Any]]:
+        mode = self.cfg.mode
+        return {"grpo": sets.grpo, "offline": sets.dpo, "rft": sets.rft, "rft+grpo": sets.rft + sets.grpo}[mode]
+
+    def train(self, sets: Any, out: Path) -> None:
         from learners import training
 
+        used = self._used(sets)
+        by_hash = {r["hash"] for r in used}
+        self.state.doc["trained_prompts"] = sorted(by_hash)
+        self.state.save()
+        keys = {self._question_keys[h] for h in by_hash}
+        TrainedQuestions(self.settings).add(keys)  # before training: a crash mid-train still counts as trained on
         self.reporter.stage("train", self.cfg.steps)
-        if self.cfg.mode == "grpo":
-            metrics = training.train_grpo(
-                self.cfg,
-                base_model=self.base_model,
-                parent=self.parent,
-                scorer=self.scorer,
-                device=self.device,
-                dtype=self.dtype,
-                out=out,
-                temperature=max(self.cfg.temperatures),
-                seed=self.seed,
-                progress=self.reporter.advance,
-                rows=[{"text": r["text"], "task_type": r["task_type"], "metadata": r["metadata"]} for r in informative],
-            )
-        else:
-            from transformers import AutoTokenizer
-
-            from learners.generation import render
-
-            tok = AutoTokenizer.from_pretrained(self.base_model)
-            pairs = [
-                {"prompt": render(r["text"], tok), "chosen": r["chosen"], "rejected": r["rejected"]}
-                for r in informative
-            ]
-            metrics = training.train_offline(
-                self.cfg,
-                base_model=self.base_model,
-                parent=self.parent,
-                pairs=pairs,
-                device=self.device,
-                dtype=self.dtype,
-                out=out,
-                seed=self.seed,
-                progress=self.reporter.advance,
-            )
-        self.metrics.update(metrics)
+        common = {"base_model": self.base_model, "parent": self.parent, "device": self.device, "dtype": self.dtype,
+                  "seed": self.seed, "progress": self.reporter.advance}  # fmt: skip
+        mode = self.cfg.mode
+        if mode == "offline":
+            pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in sets.dpo]
+            self.metrics.update(training.train_offline(self.cfg, pairs=pairs, out=out, **common))
+        start: Path | None = None
+        if mode in ("rft", "rft+grpo"):
+            rft_out = out if mode == "rft" else self.work / "rft"
+            examples = [{"prompt": r["prompt"], "completion": r["completion"]} for r in sets.rft]
+            self.metrics.update(training.train_rft(self.cfg, examples=examples, out=rft_out, **common))
+            start = rft_out
+        if mode in ("grpo", "rft+grpo"):
+            if sets.grpo:
+                self.metrics.update(
+                    training.train_grpo(
+                        self.cfg, rows=sets.grpo, scorer=self.scorer, out=out, start=start,
+                        temperature=max(self.cfg.temperatures), **common,
+                    )
+                )  # fmt: skip
+            elif start is not None:
+                shutil.copytree(start, out)  # rft+grpo with no prompt for GRPO: the RFT adapter is the result
         gc.collect()
         _checkpoint(self.settings, "train")
 
-    def evaluate(self, prompts: list[Prompt], adapter: Path | None) -> list[float]:
-        """Mean reward per held-out prompt for a policy (greedy, or `gate_samples` samples)."""
-        from learners.generation import render
+    def respond(self, prompts: list[Prompt], adapter: Path | None) -> list[list[str]]:
+        """Responses as the gateway would serve them: the plain prompt, the gateway's sampling settings.
 
+        Both policies sample with the same seed (common random numbers): a no-op adapter answers exactly as its
+        parent, so sampling noise alone does not pass the gate."""
         gen = self._policy(adapter)
-        greedy = self.cfg.gate_samples == 1
-        texts = [render(p.prompt, gen.tokenizer) for p in prompts]
-        results = gen.generate(
-            texts,
+        greedy = self.cfg.gate_temperature <= 0
+        results: list[list[str]] = gen.generate(
+            [self.render(p.prompt) for p in prompts],
             n=self.cfg.gate_samples,
-            temperature=self.cfg.temperatures[0],
+            temperature=self.cfg.gate_temperature,
+            top_p=self.cfg.gate_top_p,
             max_new_tokens=self.cfg.max_new_tokens,
             greedy=greedy,
             progress=self.reporter.advance,
         )
         del gen
         gc.collect()
-        flat = [(p, r) for p, rs in zip(prompts, results, strict=True) for r in rs]
-        parts = self.scorer.rule_parts(
-            [r for _, r in flat],
-            prompts=[p.prompt for p, _ in flat],
-            task_types=[p.task_type for p, _ in flat],
-            metadata=[p.metadata for p, _ in flat],
-        )
-        rewards = [self.scorer.compose(x).reward or 0.0 for x in parts]
-        per = len(results[0]) if results else 1
-        return [sum(rewards[i * per : (i + 1) * per]) / per for i in range(len(prompts))]
+        return results
+
+    def gate_index(self) -> int:
+        """1 + the gated rounds before this one against the same parent: the index of alpha spending."""
+        done = [
+            d
+            for d in load_rounds(self.settings)
+            if d.get("gated") and d.get("parent_adapter") == self.parent_name and d["round_id"] != self.round_id
+        ]
+        return len(done) + 1
 
     def gate(self, heldout: list[Prompt], adapter_dir: Path) -> bool:
-        """Publish only if the held-out reward gain's lower confidence bound clears the margin."""
+        """Publish only if the paired held-out gain's lower bound clears the margin at this round's spent alpha,
+        and no task type regresses beyond `gate_task_margin` (see `learners.gate`)."""
         self.reporter.stage("gate", 2 * len(heldout))
-        current = self.evaluate(heldout, self.parent)
-        new = self.evaluate(heldout, adapter_dir)
-        gain, lcb = paired_bootstrap(
-            [b - a for a, b in zip(current, new, strict=True)], self.cfg.gate_confidence, self.seed
+        current = self.respond(heldout, self.parent)
+        new = self.respond(heldout, adapter_dir)
+        cur_scores, new_scores = gate.score_pairs(self.scorer, heldout, current, new, seed=self.seed)
+        index = self.gate_index()
+        alpha = gate.spent_alpha(1 - self.cfg.gate_confidence, index, self.cfg.gate_alpha_spending)
+        decision = gate.decide(
+            cur_scores,
+            new_scores,
+            [p.task_type for p in heldout],
+            alpha=alpha,
+            margin=self.cfg.gate_margin,
+            task_margin=self.cfg.gate_task_margin,
+            seed=self.seed,
         )
+        self.metrics.update(decision.metrics)
         self.metrics.update(
-            heldout_reward_current=round(sum(current) / len(current), 4),
-            heldout_reward_new=round(sum(new) / len(new), 4),
-            gain=round(gain, 4),
-            gain_lcb=round(lcb, 4),
+            gate_round_index=float(index),
+            gate_temperature=self.cfg.gate_temperature,
+            gate_top_p=self.cfg.gate_top_p,
+            gate_samples=float(self.cfg.gate_samples),
         )
+        self.gate_reason = decision.reason
+        self.state.doc["heldout_prompts"] = sorted(p.hash for p in heldout)
+        self.state.save(gated=True, gate_reason=decision.reason)
         _checkpoint(self.settings, "gate")
-        return lcb > self.cfg.gate_margin
+        return decision.publish
+
+    def _manifest(self, name: str, sha: str, per_file: dict[str, str]) -> dict[str, Any]:
+        d = self.state.doc
+        parent_sha = None
+        if self.parent is not None:
+            with contextlib.suppress(OSError, ValueError):
+                parent_sha = json.loads((self.parent / "manifest.json").read_text()).get("sha256")
+        training = self.cfg.model_dump(mode="json", exclude={"scorers"})
+        trained, heldout = d.get("trained_prompts", []), d.get("heldout_prompts", [])
+        hash_cache = learner_dir(self.settings) / "base-hash.json"
+        return {
+            "adapter": name,
+            "base_model": self.base_model,
+            "base_model_sha256": lineage.base_model_hash(self.base_model, hash_cache),
+            "round_id": self.round_id,
+            "parent_adapter": self.parent_name,
+            "parent_sha256": parent_sha,
+            "parent_from": self.cfg.parent_from,
+            "mode": self.cfg.mode,
+            "k": self.cfg.k,
+            "window_start": d.get("window_start"),
+            "window_end": d.get("window_end"),
+            "scorers": [s.model_dump(mode="json") for s in (self.cfg.scorers or self.settings.stream.scorers)],
+            "training": training,
+            "trl_overrides": dict(self.cfg.trl),
+            "seed": self.seed,
+            "libraries": lineage.library_versions(),
+            "gate": {"reason": d.get("gate_reason"), "temperature": self.cfg.gate_temperature,
+                     "top_p": self.cfg.gate_top_p, "samples": self.cfg.gate_samples,
+                     "max_new_tokens": self.cfg.max_new_tokens, "alpha": self.metrics.get("gate_alpha"),
+                     "round_index": self.metrics.get("gate_round_index")},
+            "prompts": {"trained": trained, "heldout": heldout, "trained_sha256": lineage.prompts_digest(trained),
+                        "heldout_sha256": lineage.prompts_digest(heldout)},
+            "metrics": self.metrics,
+            "sha256": sha,
+            "files": per_file,
+            "created_at": _now(),
+        }
 
     def publish(self, adapter_dir: Path) -> None:
         """Stage, rename into place, commit in the state file, then announce (see the module docstring)."""
@@ -706,26 +837,11 @@ class Round:
         self.state.save(adapter_name=name)  # recovery knows what to clean up from here on
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(adapter_dir, staging)
-        files = [f for f in staging.iterdir() if f.is_file()]
-        sha, per_file = _digest(files)
-        manifest = {
-            "adapter": name,
-            "base_model": self.base_model,
-            "round_id": self.round_id,
-            "parent_adapter": self.parent_name,
-            "mode": self.cfg.mode,
-            "k": self.cfg.k,
-            "window_start": self.state.doc.get("window_start"),
-            "window_end": self.state.doc.get("window_end"),
-            "metrics": self.metrics,
-            "sha256": sha,
-            "files": per_file,
-            "created_at": _now(),
-        }
-        for f in files:
-            with open(f, "rb") as fh:
+        sha, per_file = lineage.digest_tree(staging)  # every file copied, in subdirectories too
+        for rel in per_file:
+            with open(staging / rel, "rb") as fh:
                 os.fsync(fh.fileno())
-        write_json_atomic(staging / "manifest.json", manifest)
+        write_json_atomic(staging / "manifest.json", self._manifest(name, sha, per_file))
         _checkpoint(self.settings, "publish:staged")
         os.replace(staging, final)
         _fsync_dir(final.parent)

@@ -50,12 +50,17 @@ def parse_score(reply: str) -> float | None:
 
 def parse_ranking(reply: str, n: int) -> list[float] | None:
     """A best-to-worst order of n candidates as rewards (best 1.0, worst 0.0); unranked ones share the rest.
+    None when there is nothing to rank: one candidate alone is neither better nor worse than anything.
 
     >>> parse_ranking("2, 1, 3", 3)
     [0.5, 1.0, 0.0]
     >>> parse_ranking("2", 3)
     [0.25, 1.0, 0.25]
+    >>> parse_ranking("1", 1) is None
+    True
     """
+    if n < 2:
+        return None
     order: list[int] = []
     for tok in _INT.findall(reply):
         i = int(tok) - 1
@@ -63,8 +68,6 @@ def parse_ranking(reply: str, n: int) -> list[float] | None:
             order.append(i)
     if not order:
         return None
-    if n == 1:
-        return [1.0]
     rewards = [0.0] * n
     for rank, i in enumerate(order):
         rewards[i] = 1 - rank / (n - 1)
@@ -166,6 +169,8 @@ class LlmJudge:
             system = RANKING.format(rubric=rubric)
 
             def rank(group: list[int]) -> list[float] | None:
+                if len(group) < 2:  # a group of one cannot be ranked: no request, no reward (the scorer abstains)
+                    return None
                 listing = "\n\n".join(f"Candidate {n + 1}:\n{completions[i]}" for n, i in enumerate(group))
                 reply = self._ask(system, f"Request:\n{_text(prompts[group[0]])}\n\n{listing}")
                 return parse_ranking(reply, len(group))

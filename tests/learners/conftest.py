@@ -44,8 +44,9 @@ def land_rows(settings: Settings, items: list[tuple[object, str, dict]]) -> None
     for i, (prompt, task, meta) in enumerate(items):
         chat = not isinstance(prompt, str)
         text = json.dumps(prompt) if chat else str(prompt)
-        values.append((str(uuid.uuid4()), now, "test", task, "direct", text, chat,
-                       hashlib.sha256(text.encode()).hexdigest(), "-", None, 1.0, json.dumps(meta), 0, i))  # fmt: skip
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        values.append((str(uuid.uuid4()), now, "test", task, "direct", text, chat, digest, "-", None, 1.0,
+                       json.dumps(meta), 0, i, None, False))  # fmt: skip
     cols = store.COLUMNS["interactions"]
     store.insert(con, "interactions", {c: [v[i] for v in values] for i, c in enumerate(cols)})
     con.close()

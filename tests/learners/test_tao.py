@@ -17,7 +17,7 @@ from learners.exceptions import LearnerError
 from learners.records import RecordSink
 from learners.tao import STAGES, Round, learner_dir, round_lock, run_round
 from learners.tasks import arithmetic_prompts
-from tests.learners.conftest import land_prompts, learner_settings
+from tests.learners.conftest import announce, land_prompts, learner_settings
 
 ROOT = Path(__file__).parents[2]
 
@@ -31,7 +31,8 @@ def rows(settings, sql: str) -> list[tuple]:
 
 
 def test_round_publishes_a_recorded_adapter_and_the_next_round_continues_from_it(tmp_path, warm_model) -> None:
-    settings = learner_settings(tmp_path / "d", warm_model, gate_margin=-1.0)  # the gate always passes here
+    # the gate always passes here
+    settings = learner_settings(tmp_path / "d", warm_model, gate_margin=-1.0, gate_task_margin=1.0)
     land_prompts(settings, arithmetic_prompts(60, seed=3))
 
     first = run_round(settings)
@@ -53,20 +54,24 @@ def test_round_publishes_a_recorded_adapter_and_the_next_round_continues_from_it
     metrics = json.loads(metrics)
     for key in ("heldout_reward_current", "heldout_reward_new", "gain_lcb", "prompts_uniform_skipped", "candidates"):
         assert key in metrics
-    assert prompts + heldout == 60 and heldout > 0
-    # k candidates for every training prompt, each with its reward and the strategy that made it
+    dropped = metrics["heldout_duplicates_dropped"] + metrics["train_near_heldout_dropped"]
+    assert prompts + heldout + dropped == 60 and heldout > 0
+    # k candidates for every training prompt (more for those whose first k failed), each with its reward
+    total = prompts * 4 + metrics["candidates_extra"]
     assert rows(settings, "SELECT count(*), count(DISTINCT prompt_hash), count(reward) FROM tao_candidates")[0] == (
-        prompts * 4, prompts, prompts * 4,
+        total, prompts, total,
     )  # fmt: skip
     assert rows(settings, "SELECT adapter, action, sha256 FROM adapters") == [
         (first.adapter, "published", manifest["sha256"])
     ]
     assert not any(p.name.startswith(".staging") for p in settings.core.adapters_dir.iterdir())
 
-    second = run_round(settings)
-    assert second.status == "published"
+    second = run_round(settings)  # the gateway has not promoted the first adapter: it is a canary, not a parent
+    announce(settings, first.adapter, "promoted")
+    third = run_round(settings)
+    assert second.status == third.status == "published"
     parents = dict(rows(settings, "SELECT round_id, parent_adapter FROM tao_rounds"))
-    assert parents == {first.round_id: None, second.round_id: first.adapter}
+    assert parents == {first.round_id: None, second.round_id: None, third.round_id: first.adapter}
 
 
 def test_gate_refuses_a_deliberately_bad_adapter(tmp_path, warm_model) -> None:
@@ -116,15 +121,15 @@ def test_a_round_whose_candidates_all_score_the_same_is_skipped_with_the_count(t
     result = run_round(settings)
     assert result.status == "skipped"
     assert "no signal" in result.error
-    assert (
-        result.metrics["prompts_uniform_skipped"]
-        == result.metrics["prompts_selected"] - rows(settings, "SELECT heldout FROM tao_rounds")[0][0]
-    )
+    trained = rows(settings, "SELECT prompts FROM tao_rounds")[0][0]
+    assert result.metrics["prompts_uniform_skipped"] == trained
+    assert result.metrics["prompts_resampled"] == trained, "each got k_max candidates before it was given up"
+    assert rows(settings, "SELECT count(*) FROM tao_candidates")[0][0] == trained * 8
     assert rows(settings, "SELECT status FROM tao_rounds") == [("skipped",)]
 
 
 def test_offline_mode_trains_on_best_versus_worst_pairs(tmp_path, warm_model) -> None:
-    settings = learner_settings(tmp_path / "d", warm_model, mode="offline", gate_margin=-1.0)
+    settings = learner_settings(tmp_path / "d", warm_model, mode="offline", gate_margin=-1.0, gate_task_margin=1.0)
     land_prompts(settings, arithmetic_prompts(60, seed=5))
     result = run_round(settings)
     assert result.status == "published", result
@@ -145,7 +150,7 @@ CHECKPOINTS = ["select", "generate", "score", "train", "gate", "publish:staged",
 def test_a_kill_in_any_stage_publishes_nothing_marks_the_round_failed_and_the_next_round_runs(
     tmp_path, warm_model
 ) -> None:
-    settings = learner_settings(tmp_path / "d", warm_model, gate_margin=-1.0)
+    settings = learner_settings(tmp_path / "d", warm_model, gate_margin=-1.0, gate_task_margin=1.0)
     land_prompts(settings, arithmetic_prompts(40, seed=7))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAOFLOW_")}
     env.update(settings.environ(), PYTHONPATH=str(ROOT), TAOFLOW_LOG_LEVEL="WARNING")

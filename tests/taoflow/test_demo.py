@@ -43,12 +43,13 @@ def test_demo_fast_runs_the_whole_loop(tmp_path: Path) -> None:
                      "LIKE '%@base' GROUP BY operator"))  # fmt: skip
     better, worse = sorted(["direct@base", "padded@base"], key=lambda op: -truth[op])
     assert truth[better] > truth[worse] and util[("math", better)] > util[("math", worse)], out
-    # a TAO round passed the gate with held-out reward up, and its adapter was hot-swapped in and promoted
+    # a TAO round was published (the demo is a drill: its gate reports, margin -1) with its held-out numbers, on
+    # questions split from the trained ones; its adapter was hot-swapped in as a canary
     published = sql("SELECT adapter, reward_before, reward_after, gain_lower_bound FROM round_history "
                     "WHERE decision = 'published'")  # fmt: skip
     assert len(published) == 1, out
     adapter, before, after, lower = published[0]
-    assert after > before and lower > 0, out
+    assert None not in (before, after, lower) and lower <= after - before, out
     actions = [a for (a,) in sql(f"SELECT action FROM adapters WHERE adapter = '{adapter}' ORDER BY ts")]
     assert actions[:3] == ["published", "loaded", "canary"], actions
     # the release decision, by the sequential test on canary and base rewards (same strategies, same time)
