@@ -196,7 +196,9 @@ def parse_feedback(raw: Any, limits: Limits) -> FastFeedback | FeedbackEvent:
 _SCORE_FIELDS = frozenset(
     ("schema_version", "interaction_id", "ts", "task_type", "operator", "adapter", "reward", "parts", "revision")
 )
-_UTILITY_FIELDS = frozenset(("schema_version", "task_type", "operator", "utility", "n", "last_reward", "ts"))
+_UTILITY_FIELDS = frozenset(
+    ("schema_version", "task_type", "operator", "utility", "n", "last_reward", "ts", "imported")
+)
 
 
 def fast_score(raw: Any, limits: Limits) -> dict[str, Any] | None:
@@ -224,10 +226,13 @@ def fast_score(raw: Any, limits: Limits) -> dict[str, Any] | None:
 def fast_utility(raw: Any, limits: Limits) -> dict[str, Any] | None:
     """A UtilityEvent's fields (`ts` a datetime, numbers floats), when `raw` is plainly valid; else None."""
     d = _load(raw, limits, _UTILITY_FIELDS)
-    if d is None or len(d) != len(_UTILITY_FIELDS):
+    # `imported` came later: an event without it (an older worker's) is plainly valid with the model's default 0
+    if d is None or len(d) + ("imported" not in d) != len(_UTILITY_FIELDS):
         return None
-    u, n, last = d["utility"], d["n"], d["last_reward"]
+    u, n, last, imported = d["utility"], d["n"], d["last_reward"], d.setdefault("imported", 0)
     if not (_name(d["task_type"]) and _name(d["operator"])) or type(n) is not int or n < 0:
+        return None
+    if type(imported) is not int or not 0 <= imported <= n:
         return None
     if not _number(u) or not (last is None or _number(last)):
         return None
@@ -254,11 +259,14 @@ def score_json(
     }, option=orjson.OPT_UTC_Z)  # fmt: skip
 
 
-def utility_json(task_type: str, operator: str, utility: float, n: int, last_reward: float | None, ts: float) -> bytes:
+def utility_json(
+    task_type: str, operator: str, utility: float, n: int, last_reward: float | None, ts: float, imported: int = 0
+) -> bytes:
     """A UtilityEvent's JSON (as `UtilityEvent(...).to_json_bytes()`)."""
     return orjson.dumps({
         "schema_version": 1, "task_type": task_type, "operator": operator, "utility": float(utility), "n": n,
         "last_reward": None if last_reward is None else float(last_reward), "ts": datetime.fromtimestamp(ts, UTC),
+        "imported": imported,
     }, option=orjson.OPT_UTC_Z)  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
+from aiokafka.abc import ConsumerRebalanceListener
 
 from schemas import AdapterEvent, DeadLetter, InteractionEvent, ScoreEvent, UtilityEvent
 from schemas import topics as names
@@ -123,6 +124,42 @@ def landing_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
         **settings.kafka.security_kwargs(),
     }
+
+
+def resume_offsets(con: Any, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """Where landing resumes each partition: the offset after the last record landed, as the file says (absent: never
+    landed, read from the beginning)."""
+    cur = con.cursor()
+    try:
+        rows = cur.execute("SELECT topic, kafka_partition, next_offset FROM lander_offsets").fetchall()
+    finally:
+        cur.close()
+    known = {(t, p): o for t, p, o in rows}
+    return {tp: known[tp] for tp in partitions if tp in known}
+
+
+class _ResumeFromFile(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka rebalance listener: each assigned partition is sought to where the DuckDB file says landing resumes
+    (the one owner of that fact); partitions the file has never landed start from their beginning."""
+
+    def __init__(self, consumer: Any, lander: Lander) -> None:
+        self.consumer, self.lander = consumer, lander
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None  # nothing to hand over: the positions are in the file, written with the rows
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        tps = list(assigned)
+        loop = asyncio.get_running_loop()
+        known = await loop.run_in_executor(self.lander.pool, resume_offsets, self.lander.con,
+                                           [(tp.topic, tp.partition) for tp in tps])  # fmt: skip
+        fresh = [tp for tp in tps if (tp.topic, tp.partition) not in known]
+        for tp in tps:
+            offset = known.get((tp.topic, tp.partition))
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+        if fresh:
+            await self.consumer.seek_to_beginning(*fresh)
 
 
 class Lander:
@@ -233,7 +270,8 @@ class Lander:
     async def _consume(self, stop: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        consumer = AIOKafkaConsumer(*self.TOPICS, **landing_consumer_config(self.settings, "lander"))
+        consumer = AIOKafkaConsumer(**landing_consumer_config(self.settings, "lander"))
+        consumer.subscribe(topics=self.TOPICS, listener=_ResumeFromFile(consumer, self))
         await consumer.start()
         limits = self.settings.limits.limits()
         loop = asyncio.get_running_loop()
@@ -248,8 +286,13 @@ class Lander:
             done, batch, t0 = landing
             landing = None
             await done
-            await consumer.commit({TopicPartition(tp.topic, tp.partition): recs[-1].offset + 1
-                                   for tp, recs in batch.items()})  # fmt: skip
+            # the file says where landing resumes (same transaction as the rows); Kafka's commit is for lag
+            # monitoring and tools, and a failed commit loses nothing
+            try:
+                await consumer.commit({TopicPartition(tp.topic, tp.partition): recs[-1].offset + 1
+                                       for tp, recs in batch.items()})  # fmt: skip
+            except Exception as exc:
+                log.info("offset commit for monitoring failed (landing resumes from the file): %s", exc)
             self.last_land_s = time.perf_counter() - t0
             self.land_seconds.append(self.last_land_s)
             for tp, recs in batch.items():
@@ -267,8 +310,9 @@ class Lander:
                     continue
                 t0 = time.perf_counter()
                 rows = to_rows(records, limits)
+                offsets = {(tp.topic, tp.partition): recs[-1].offset + 1 for tp, recs in batch.items()}
                 await finish()
-                landing = (loop.run_in_executor(self.pool, self._land, rows), batch, t0)
+                landing = (loop.run_in_executor(self.pool, self._land, rows, offsets), batch, t0)
             await finish()
         finally:
             if landing is not None:
@@ -276,12 +320,17 @@ class Lander:
                     await landing[0]  # never leave a transaction running under a closing connection
             await consumer.stop()
 
-    def _land(self, rows: dict[str, dict[str, list[Any]]]) -> None:
+    def _land(self, rows: dict[str, dict[str, list[Any]]], offsets: dict[tuple[str, int], int]) -> None:
         cur = self.con.cursor()
         cur.execute("BEGIN TRANSACTION")
         try:
             for table, cols in rows.items():
                 self.landed[table] += store.insert(cur, table, cols)
+            cur.executemany(
+                "INSERT INTO lander_offsets VALUES (?, ?, ?) ON CONFLICT (topic, kafka_partition) DO UPDATE SET "
+                "next_offset = excluded.next_offset WHERE excluded.next_offset > lander_offsets.next_offset",
+                [[t, p, o] for (t, p), o in offsets.items()],
+            )
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS utilities (
     n BIGINT NOT NULL,
     last_reward DOUBLE,
     ts TIMESTAMPTZ NOT NULL,
+    imported BIGINT DEFAULT 0,        -- of n, pseudo-rewards imported from another deployment (taoflow knowledge)
     PRIMARY KEY (task_type, operator)
 );
 CREATE TABLE IF NOT EXISTS utility_history (
@@ -127,6 +128,14 @@ CREATE TABLE IF NOT EXISTS adapters (
     reason VARCHAR,
     PRIMARY KEY (adapter, action, ts)
 );
+-- where the lander resumes each partition it lands: written in the same transaction as the rows (the Kafka Connect
+-- and Flink sink pattern), so a crash between landing and Kafka's commit can neither lose nor repeat a batch
+CREATE TABLE IF NOT EXISTS lander_offsets (
+    topic VARCHAR NOT NULL,
+    kafka_partition INTEGER NOT NULL,
+    next_offset BIGINT NOT NULL,
+    PRIMARY KEY (topic, kafka_partition)
+);
 """
 
 # Columns added since a table was first created, for files made by an earlier version (each statement a no-op on a
@@ -136,6 +145,7 @@ MIGRATIONS = """
 ALTER TABLE interactions ADD COLUMN IF NOT EXISTS caller VARCHAR;
 ALTER TABLE interactions ADD COLUMN IF NOT EXISTS forced BOOLEAN DEFAULT false;
 ALTER TABLE feedback ADD COLUMN IF NOT EXISTS caller VARCHAR;
+ALTER TABLE utilities ADD COLUMN IF NOT EXISTS imported BIGINT DEFAULT 0;
 """
 
 # Views: what users query to see whether the loop improves (README, "Watching the loop").
@@ -215,7 +225,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "feedback": ("event_id", "interaction_id", "ts", "kind", "value", "metadata", "caller"),
     "scores": ("interaction_id", "revision", "ts", "task_type", "operator", "adapter", "reward", "parts"),
     "utility_history": ("task_type", "operator", "n", "utility", "last_reward", "ts"),
-    "utilities": ("task_type", "operator", "utility", "n", "last_reward", "ts"),
+    "utilities": ("task_type", "operator", "utility", "n", "last_reward", "ts", "imported"),
     "dead_letters": ("source_topic", "kafka_partition", "kafka_offset", "error", "original", "ts"),
     "tao_rounds": (
         "round_id", "status", "stage", "started_at", "finished_at", "base_model", "parent_adapter", "adapter", "mode",
@@ -231,6 +241,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 OPTIONAL: dict[str, frozenset[str]] = {
     "interactions": frozenset({"caller", "forced"}),
     "feedback": frozenset({"caller"}),
+    "utilities": frozenset({"imported"}),
 }
 KEYS: dict[str, tuple[str, ...]] = {
     "interactions": ("event_id",),

@@ -396,6 +396,52 @@ def schemas_export(directory: Path) -> None:
         click.echo(str(p))
 
 
+@cli.group(cls=_Group)
+def knowledge() -> None:
+    """Portable knowledge: which strategy works for which task type, across base models and deployments."""
+
+
+@knowledge.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def knowledge_export(file: Path) -> None:
+    """Write the operators and their learned utilities (with the base model, adapters and times) to FILE (JSON)."""
+    from taoflow.knowledge import dumps, export_knowledge
+
+    doc = export_knowledge(_settings())
+    try:
+        file.write_text(dumps(doc))
+    except OSError as exc:
+        raise TaoflowError(f"cannot write {file}: {exc.strerror}") from None
+    tasks = len({u.task_type for u in doc.utilities})
+    click.echo(f"exported {len(doc.utilities)} utilities of {tasks} task type(s) to {file} (id {doc.export_id})")
+
+
+@knowledge.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--adapter", default=None, help="Seed the strategies on this adapter (default: the base model).")
+@click.option("--discount", type=float, default=None,
+              help="Share of exported rewards kept as evidence (default TAOFLOW_STREAM_KNOWLEDGE_DISCOUNT).")
+@click.option("--dry-run", is_flag=True, help="Show what would be seeded; send nothing.")
+def knowledge_import(file: Path, adapter: str | None, discount: float | None, dry_run: bool) -> None:
+    """Seed this deployment's utilities from FILE: the stream worker applies each seed once (importing a file
+    again is a no-op), never over utilities learned here, and fresh rewards soon outweigh it."""
+    from taoflow.knowledge import load, plan_import, seed_records, send
+
+    settings = _settings()
+    plan = plan_import(load(file), settings, adapter=adapter, discount=discount)
+    for line in plan.lines(settings.core.base_model):
+        click.echo(line)
+    if plan.missing:
+        click.echo("to route them too, declare them in taoflow.toml (then import again) as:")
+        click.echo(plan.toml(settings), nl=False)
+    if dry_run:
+        click.echo(f"dry run: {len(plan.seeds)} seed(s) not sent")
+        return
+    send(settings, seed_records(plan))
+    click.echo(f"sent {len(plan.seeds)} seed(s) to the stream worker; `taoflow report` shows imported vs learned "
+               "evidence once they are applied")  # fmt: skip
+
+
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^/\s]*@")  # password up to the last @
 
 

@@ -99,6 +99,13 @@ def gather(settings: Settings, since: datetime | None = None, task_type: str | N
     )
     lb_cond = f" WHERE task_type = {_lit(task_type)}" if task_type else ""
     leaderboard = _q(settings, f"SELECT * FROM operator_leaderboard{lb_cond}")
+    # per operator, rewards learned here beside pseudo-rewards imported (`taoflow knowledge import`); `*`, as a file
+    # landed before imports existed has no `imported` column
+    evidence = [
+        {"task_type": u["task_type"], "operator": u["operator"], "utility": u["utility"],
+         "learned": u["n"] - (u.get("imported") or 0), "imported": u.get("imported") or 0}
+        for u in _q(settings, f"SELECT * FROM utilities{lb_cond} ORDER BY task_type, operator")
+    ]  # fmt: skip
     rounds = _q(
         settings,
         "SELECT * FROM round_history"
@@ -134,6 +141,7 @@ def gather(settings: Settings, since: datetime | None = None, task_type: str | N
         "rewards": {"n": span["n"], "mean": span["mean"], "first": span["first"], "last": span["last"]},
         "improvement": series,
         "leaderboard": leaderboard,
+        "evidence": evidence,
         "rounds": rounds,
         "adapter_events": events,
         "release_decisions": decisions,
@@ -232,6 +240,12 @@ def render(data: dict[str, Any], console: Any) -> None:
             str(row["last_update"] or "-")[:19],
         )
     console.print(lb)
+    if any(e["imported"] for e in data.get("evidence", [])):
+        ev = Table("task type", "operator", "utility", "learned here", "imported",
+                   title="Evidence per operator (rewards learned here; pseudo-rewards imported by taoflow knowledge)")
+        for e in data["evidence"]:
+            ev.add_row(e["task_type"], e["operator"], _f(e["utility"]), str(e["learned"]), str(e["imported"]))
+        console.print(ev)
     rt = Table(title="TAO rounds")
     for col in ("round", "decision", "prompts", "reward before", "after", "gain (lower bound)", "seconds", "adapter"):
         rt.add_column(col)

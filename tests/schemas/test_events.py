@@ -23,6 +23,7 @@ from schemas import (
     export_json_schemas,
     parse_event,
 )
+from schemas.registry import DOCUMENTS
 
 
 def interaction(**over: Any) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def test_other_events_validate() -> None:
 
 def test_exported_json_schemas_accept_valid_and_reject_invalid(tmp_path: Path) -> None:
     paths = export_json_schemas(tmp_path / "schemas")
-    assert {p.name for p in paths} == {f"{n}.schema.json" for n in EVENTS}
+    assert {p.name for p in paths} == {f"{n}.schema.json" for n in (*EVENTS, *DOCUMENTS)}
     schema = json.loads((tmp_path / "schemas" / "InteractionEvent.schema.json").read_text())
     assert schema["x-topic"] == "taoflow.interactions"
     instance = json.loads(parse_event(InteractionEvent, interaction()).to_json_bytes())

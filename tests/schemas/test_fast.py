@@ -195,11 +195,29 @@ def test_worker_outputs_match_the_models() -> None:
         assert fast_score(raw, Limits()) == dict(model)
         last = rng.choice([None, rng.random()])
         u = rng.uniform(-1, 1)
-        raw = utility_json("math", "cot", u, i, last, ts)
+        imported = rng.choice([0, 0, i, rng.randint(0, i)])  # knowledge imported from another deployment
+        raw = utility_json("math", "cot", u, i, last, ts, imported)
         umodel = UtilityEvent.model_validate_json(raw)
         assert umodel == UtilityEvent(task_type="math", operator="cot", utility=u, n=i, last_reward=last,
-                                     ts=datetime.fromtimestamp(ts, UTC))  # fmt: skip
+                                     ts=datetime.fromtimestamp(ts, UTC), imported=imported)  # fmt: skip
         assert fast_utility(raw, Limits()) == dict(umodel)
+
+
+def test_fast_utility_reads_events_without_imported_and_declines_what_the_model_rejects() -> None:
+    """An older worker's UtilityEvent has no `imported`: both paths read it as 0. Every value of `imported` the fast
+    path takes, the model takes with the same value."""
+    good = orjson.loads(utility_json("math", "cot", 0.5, 4, 1.0, 1.7e9, 2))
+    old = orjson.dumps({k: v for k, v in good.items() if k != "imported"})
+    assert UtilityEvent.model_validate_json(old).imported == 0
+    assert fast_utility(old, Limits()) == dict(UtilityEvent.model_validate_json(old))
+    for value in (0, 1, 4, 5, -1, 1.0, 2.5, True, None, "1", [], MISSING):
+        raw = orjson.dumps(mutate(good, "imported", value))
+        fast, model = fast_utility(raw, Limits()), model_or_error(UtilityEvent, raw, Limits())
+        if fast is not None:
+            assert isinstance(model, UtilityEvent) and fast == dict(model), (value, model)
+        if type(value) is int and value in (5, -1):  # beyond n, or negative: the model refuses
+            assert fast is None and isinstance(model, EventValidationError), (value, model)
+    assert fast_utility(orjson.dumps(mutate(good, "imported", 4)), Limits()) is not None
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ def test_help_lists_every_product_command() -> None:
 def test_schemas_export(tmp_path: Path) -> None:
     code, _ = run("schemas", "export", str(tmp_path / "out"))
     assert code == 0
-    assert len(list((tmp_path / "out").glob("*.schema.json"))) == 6
+    assert len(list((tmp_path / "out").glob("*.schema.json"))) == 7  # six events and the knowledge file
 
 
 def test_config_masks_secrets_and_reads_toml(tmp_path: Path) -> None:
