@@ -32,7 +32,7 @@ def _one(ctx: WorkerContext, out: Outbox, fb: Any, msg: Any, table: Any, pending
     known = table.get(iid)
     if known is None:
         old = pending.get(iid)
-        parked = ({**old, "items": list(old["items"]), "ids": list(old["ids"])} if old
+        parked: dict[str, Any] = ({**old, "items": list(old["items"]), "ids": list(old["ids"])} if old
                   else {"items": [], "ids": [], "w": time.time(), "b": 0})  # fmt: skip
         if fb.event_id in parked["ids"]:
             ctx.count("duplicate_feedback")

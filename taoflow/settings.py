@@ -236,7 +236,7 @@ class StreamSettings(_Component):
         "outputs over it go to the dead letters",
     )  # fmt: skip
     max_parked_feedback: int = Field(
-        default=32, ge=1, description="feedback events kept for one interaction that has not arrived; more: dead letters"
+        default=32, ge=1, description="feedback events kept for an interaction not yet arrived; more: dead letters"
     )
     max_parked_bytes: int = Field(
         default=256 * 1024, ge=1024, description="bytes of feedback kept for one interaction that has not arrived"
@@ -252,6 +252,9 @@ class StreamSettings(_Component):
         "directory or object-store URL; every worker lands its share in parallel",
     )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics of the worker; 0: off")
+
+
+Strategy = Literal["plain", "cot", "structured"]
 
 
 class LearnerSettings(_Component):
@@ -286,7 +289,7 @@ class LearnerSettings(_Component):
         default=None, ge=2, description="adaptive k: most candidates for a prompt whose first k failed; unset: 2*k"
     )
     temperatures: list[float] = Field(default_factory=lambda: [0.7, 1.0], min_length=1)
-    strategies: list[Literal["plain", "cot", "structured"]] = Field(default_factory=lambda: ["plain"], min_length=1)
+    strategies: list[Strategy] = Field(default_factory=lambda: list[Strategy](["plain"]), min_length=1)
     max_new_tokens: int = Field(default=128, ge=1)
     generation_batch_size: int = Field(default=64, ge=1, description="prompts per generate() call")
     # score: empty means the stream's scorers
@@ -379,7 +382,7 @@ class ServeSettings(_Component):
         default=20_000, ge=2, description="canary rewards after which an undecided canary is rolled back (unproven)"
     )
     watch_fraction: float = Field(
-        default=0.05, ge=0, le=1, description="share of traffic the previous adapter keeps while a promoted one is watched"
+        default=0.05, ge=0, le=1, description="traffic share the previous adapter keeps while a promoted one is watched"
     )
     agent_id: str = "gateway"
     vllm_api_key: SecretStr | None = Field(
