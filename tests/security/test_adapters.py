@@ -177,3 +177,34 @@ def test_after_replay_an_adapter_that_fails_to_load_is_not_routed_to(tmp_path: P
     assert gw.router.incumbent == "ad-6" and "ad-6" in backend.adapters  # back to the last one that loads
     assert "ad-7" not in gw.router.history
     assert [(e["adapter"], e["action"]) for e in producer.sent] == [("ad-7", "rolled_back")]
+
+
+def test_files_in_subfolders_are_verified_too(tmp_path: Path, root: Path) -> None:
+    # a DPO round publishes its `ref/` adapter beside the weights; the manifest hashes it and so does the gateway
+    d = root / "ad-ref"
+    (d / "ref").mkdir(parents=True)
+    (d / "adapter_config.json").write_text('{"r": 8}')
+    (d / "adapter_model.safetensors").write_bytes(b"weights")
+    (d / "ref" / "adapter_model.safetensors").write_bytes(b"reference")
+    sha, per_file = digest_tree(d)
+    assert "ref/adapter_model.safetensors" in per_file
+    (d / "manifest.json").write_text(json.dumps({"adapter": "ad-ref", "sha256": sha, "files": per_file}))
+    backend = LoadingBackend()
+    gw, _ = gateway(tmp_path, backend)
+    asyncio.run(gw._on_record(rec(published("ad-ref", sha256=sha)), live=True))
+    assert gw.router.canary == "ad-ref"
+    # then the file in the subfolder changes, or an unlisted one appears there: refused
+    for tamper in ("changed", "extra"):
+        other = publish_adapter(root, f"ad-{tamper}")
+        (other / "ref").mkdir()
+        if tamper == "changed":
+            (other / "ref" / "w.bin").write_bytes(b"a")
+            sha, per_file = digest_tree(other)
+            (other / "manifest.json").write_text(json.dumps({"adapter": other.name, "sha256": sha, "files": per_file}))
+            (other / "ref" / "w.bin").write_bytes(b"b")
+        else:
+            (other / "ref" / "unlisted.bin").write_bytes(b"x")
+        backend2 = LoadingBackend()
+        gw2, producer2 = gateway(tmp_path, backend2)
+        asyncio.run(gw2._on_record(rec(published(other.name)), live=True))
+        assert backend2.loads == [] and producer2.sent[-1]["action"] == "rolled_back", tamper
