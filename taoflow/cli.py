@@ -37,7 +37,8 @@ def _setup_logging(level: str) -> None:
     # logs go to stderr: stdout carries results (JSON, CSV, tables) that users pipe into other tools
     handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False)
     logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]", handlers=[handler], force=True)
-    for noisy in ("kafka", "aiokafka"):
+    # library request logs (one line per HTTP request or Kafka reconnect) drown the story: shown only at DEBUG
+    for noisy in ("kafka", "aiokafka", "httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -226,13 +227,19 @@ def serve(port: int | None) -> None:
 
 @cli.command()
 @click.argument("query")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def sql(query: str, fmt: str) -> None:
+@click.option("--format", "fmt", type=click.Choice(["table", "plain", "json", "csv"]), default=None,
+              help="table on a terminal, plain (tab-separated, a header line) when piped")  # fmt: skip
+def sql(query: str, fmt: str | None) -> None:
     """Run SQL over the outcome tables, also while ingestion runs."""
     from streams.sqlapi import query as run
 
     result = run(query, _settings())
-    if fmt == "json":
+    fmt = fmt or ("table" if sys.stdout.isatty() else "plain")
+    if fmt == "plain":
+        click.echo("\t".join(result.columns))
+        for row in result.rows:
+            click.echo("\t".join("" if v is None else str(v) for v in row))
+    elif fmt == "json":
         click.echo(json.dumps(result.as_dicts(), default=str))
     elif fmt == "csv":
         import csv
@@ -245,6 +252,8 @@ def sql(query: str, fmt: str) -> None:
         from rich.table import Table
 
         table = Table(*result.columns, show_lines=False)
+        for column in table.columns:
+            column.overflow = "fold"  # names users need are wrapped, never cut with an ellipsis
         for row in result.rows:
             table.add_row(*("" if v is None else str(v) for v in row))
         Console().print(table)
@@ -322,6 +331,8 @@ def demo(seed: int, events: int, fast: bool) -> None:
     console.print(f"[bold]taoflow demo[/]: {n} requests through the gateway and {where}; data in {data_dir}")
     result = run_demo(settings, events=n, seed=seed, log=lambda msg: console.print(msg, highlight=False))
     table = Table("task", "operator", "true quality", "learned utility", title="What the loop learned")
+    for column in table.columns:
+        column.overflow = "fold"  # adapter names (`direct@tao-2026...`) are what users copy: never cut them
     for task, ops in sorted(result.utilities.items()):
         for op, u in sorted(ops.items(), key=lambda kv: -kv[1]):
             strategy, _, adapter = op.partition("@")

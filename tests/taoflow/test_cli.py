@@ -124,3 +124,16 @@ def test_broker_port_in_use_is_a_clear_error() -> None:
 def test_usage_errors_exit_2(bad: list[str]) -> None:
     result = CliRunner().invoke(cli, bad)
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_sql_prints_plain_rows_when_piped_and_never_cuts_names(tmp_path: Path) -> None:
+    from streams import store
+
+    store.connect(tmp_path / "taoflow.duckdb").close()
+    env = {"TAOFLOW_DATA_DIR": str(tmp_path)}
+    name = "direct@tao-20261203T073815-fc0123456789abcdef"
+    query = f"SELECT '{name}' AS operator, 3 AS n"
+    code, out = run_stdout("sql", query, env=env)  # CliRunner's stdout is not a terminal: a pipe
+    assert code == 0 and out.splitlines() == ["operator\tn", f"{name}\t3"]
+    code, out = run_stdout("sql", query, "--format", "table", env={**env, "COLUMNS": "40"})
+    assert code == 0 and "…" not in out and name[:20] in out and name[-10:] in out.replace("\n", "").replace("│", "")
