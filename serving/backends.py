@@ -1,4 +1,5 @@
-"""Model backends under the gateway: transformers + PEFT (CPU or GPU, several adapters at once) and vLLM.
+"""Model backends under the gateway: transformers + PEFT (CPU or GPU, several adapters at once), any
+OpenAI-compatible upstream, and vLLM (an upstream with runtime LoRA loading).
 
 Both take a `GenRequest` naming the adapter to use (None: the base model) and hold adapters by name.
 An adapter in use is never unloaded under a request: callers `acquire` it for the request's lifetime and
@@ -17,7 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
+
 from serving.exceptions import BackendDown, BadRequest
+from serving.upstream import Tally, Upstream, UpstreamError, reply_text
+from taoflow.exceptions import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ class GenRequest:
     seed: int | None = None
     served: str | None = None  # set by the backend: the adapter the generation actually ran with
     prompt_tokens: int = 0  # set by the backend when it streams
+    finish_reason: str | None = None  # set by the backend when it streams: "length" or "stop"
 
 
 @dataclass
@@ -79,6 +86,7 @@ class Backend:
 
     name = "backend"
     base_model = ""
+    upstream = False  # True: an OpenAI-compatible server the gateway relays client bodies to whole
 
     def __init__(self) -> None:
         self.refs = _Refs()
@@ -220,7 +228,9 @@ class TransformersBackend(Backend):
                     torch.manual_seed(req.seed)
                 with self._use(req.adapter), torch.no_grad():
                     req.served = self._current()
-                    self.model.generate(**self._kwargs(req, enc), streamer=streamer)
+                    out = self.model.generate(**self._kwargs(req, enc), streamer=streamer)
+                new = int(out.shape[1]) - req.prompt_tokens
+                req.finish_reason = "length" if new >= req.max_tokens else "stop"
             except BaseException as exc:  # surfaced to the async side below
                 failure.append(exc)
                 streamer.end()
@@ -229,6 +239,7 @@ class TransformersBackend(Backend):
         job = loop.run_in_executor(self.pool, run)
         it = iter(streamer)
         sent = ""
+        stopped = False
         # only the tail can hold a stop string that this piece completes: the check stays O(piece) per piece
         reach = max((len(s) for s in req.stop), default=0)
         while True:
@@ -244,6 +255,8 @@ class TransformersBackend(Backend):
         await job
         if failure:
             raise failure[0]
+        if stopped:  # cut at a stop string: whatever the model went on to generate is not the reason
+            req.finish_reason = "stop"
 
     def _load(self, name: str, path: str) -> None:
         from peft import PeftModel
@@ -294,29 +307,141 @@ def _apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-class VllmBackend(Backend):
-    """A vLLM OpenAI-compatible server, attached by URL or launched here, with runtime LoRA loading
-    (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`; the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)."""
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible server by URL (vLLM, SGLang, Ollama, LiteLLM, a hosted API), with its own key.
+
+    The gateway relays client bodies to it whole (`complete`, `open_stream`); `generate`/`stream` serve the
+    gateway's own `GenRequest`s (benchmarks, tests). `model` is the upstream's name for the base model."""
+
+    name = "openai"
+    upstream = True
+
+    def __init__(
+        self,
+        base_model: str,
+        url: str | None,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout_s: float = 120.0,
+        port: int = 8100,
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.model = model or base_model
+        self.url = (url or f"http://127.0.0.1:{port}/v1").rstrip("/")
+        self.api = Upstream(self.url, api_key, timeout_s)
+
+    async def start(self) -> None:
+        await self.api.start()
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def health(self) -> bool:
+        try:
+            return bool((await self.api._http().get("/models")).status_code == 200)
+        except httpx.HTTPError:
+            return False
+
+    def model_for(self, adapter: str | None) -> str:
+        """The upstream's model name for a request served with `adapter` (None: the base model)."""
+        return adapter or self.model
+
+    async def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a (non-streaming) body as it is; the upstream's reply, checked to be a completion."""
+        data = await self.api.post(path, body)
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+            raise UpstreamError(f"the upstream at {self.url} sent a reply without choices", status=502,
+                                code="upstream_error")  # fmt: skip
+        return data
+
+    async def open_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return await self.api.open_stream(path, body)
+
+    def _body(self, req: GenRequest) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "model": self.model_for(req.adapter),
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+        }
+        if req.stop:
+            body["stop"] = req.stop
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.messages is not None:
+            return "/chat/completions", {**body, "messages": req.messages}
+        return "/completions", {**body, "prompt": req.prompt or ""}
+
+    async def generate(self, req: GenRequest) -> Generation:
+        path, body = self._body(req)
+        data = await self.complete(path, body)
+        choice = data["choices"][0]
+        usage = data.get("usage") or {}
+        req.served = req.adapter
+        return Generation(
+            reply_text(choice),
+            int(usage.get("prompt_tokens", 0)),
+            int(usage.get("completion_tokens", 0)),
+            choice.get("finish_reason") or "stop",
+        )
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[str]:  # type: ignore[override]
+        path, body = self._body(req)
+        resp = await self.open_stream(path, {**body, "stream": True})
+        tally = Tally()
+        try:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue
+                before = len(tally.text)
+                tally.add(orjson.loads(line[5:]))
+                if len(tally.text) > before:
+                    yield tally.text[before:]
+        except httpx.HTTPError as exc:
+            raise self.api.failure(exc) from None
+        finally:
+            await resp.aclose()
+        req.served = req.adapter
+        req.finish_reason = tally.finish or "stop"
+        req.prompt_tokens = int(tally.usage.get("prompt_tokens", 0))
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise BadRequest(
+            f"adapter {name!r} cannot be loaded: the openai backend serves a fixed upstream model; use "
+            "TAOFLOW_SERVE_BACKEND=vllm for runtime LoRA loading",
+            status=422, code="adapter_refused",
+        )  # fmt: skip
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+
+
+class VllmBackend(OpenAIBackend):
+    """A vLLM OpenAI-compatible server, attached by URL or launched here: the openai backend plus runtime LoRA
+    loading (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`; needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)."""
 
     name = "vllm"
 
     def __init__(
-        self, base_model: str, url: str | None, *, launch: bool = False, port: int = 8100, api_key: str | None = None
+        self,
+        base_model: str,
+        url: str | None,
+        *,
+        launch: bool = False,
+        port: int = 8100,
+        api_key: str | None = None,
+        timeout_s: float = 300.0,
     ) -> None:
-        super().__init__()
-        self.base_model = base_model
+        super().__init__(base_model, url, api_key=api_key, timeout_s=timeout_s, port=port)
         self.api_key = api_key
-        self.url = (url or f"http://127.0.0.1:{port}/v1").rstrip("/")
         self.launch = launch
         self.port = port
         self.proc: Any = None
-        self.client: Any = None
 
     async def start(self) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(300.0, connect=5.0), headers=headers)
+        await super().start()
         if self.launch:
             import os
             import subprocess
@@ -336,92 +461,21 @@ class VllmBackend(Backend):
                 await asyncio.sleep(2)
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        await super().close()
         if self.proc is not None:
             self.proc.terminate()
-
-    async def health(self) -> bool:
-        import httpx
-
-        try:
-            return bool((await self.client.get("/models")).status_code == 200)
-        except httpx.HTTPError:
-            return False
-
-    async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        import httpx
-
-        try:
-            resp = await self.client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise BackendDown(f"the vLLM server at {self.url} is unreachable: {exc}") from None
-        if resp.status_code >= 500:
-            raise BackendDown(f"the vLLM server at {self.url} failed: {resp.status_code} {resp.text[:200]}")
-        if resp.status_code >= 400:
-            raise BadRequest(f"vLLM refused {path}: {resp.text[:300]}", status=resp.status_code)
-        return (
-            resp.json() if resp.content and resp.headers.get("content-type", "").startswith("application/json") else {}
-        )
-
-    def _body(self, req: GenRequest) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {
-            "model": req.adapter or self.base_model,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-        }
-        if req.stop:
-            body["stop"] = req.stop
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if req.messages is not None:
-            return "/chat/completions", {**body, "messages": req.messages}
-        return "/completions", {**body, "prompt": req.prompt or ""}
-
-    async def generate(self, req: GenRequest) -> Generation:
-        path, body = self._body(req)
-        data = await self._post(path, body)
-        choice = data["choices"][0]
-        text = choice["message"]["content"] if "message" in choice else choice["text"]
-        usage = data.get("usage") or {}
-        return Generation(
-            text or "",
-            int(usage.get("prompt_tokens", 0)),
-            int(usage.get("completion_tokens", 0)),
-            choice.get("finish_reason") or "stop",
-        )
-
-    async def stream(self, req: GenRequest) -> AsyncIterator[str]:  # type: ignore[override]
-        import httpx
-        import orjson
-
-        path, body = self._body(req)
-        try:
-            async with self.client.stream("POST", path, json={**body, "stream": True}) as resp:
-                if resp.status_code >= 400:
-                    raise BackendDown(f"the vLLM server at {self.url} failed: {resp.status_code}")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    choice = orjson.loads(line[6:])["choices"][0]
-                    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-                    if piece:
-                        yield piece
-        except httpx.HTTPError as exc:
-            raise BackendDown(f"the vLLM server at {self.url} is unreachable: {exc}") from None
 
     async def load_adapter(self, name: str, path: str) -> None:
         if name in self.adapters:
             return
-        await self._post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        await self.api.post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
         self.adapters[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             return
         await self.refs.idle(name)
-        await self._post("/unload_lora_adapter", {"lora_name": name})
+        await self.api.post("/unload_lora_adapter", {"lora_name": name})
         del self.adapters[name]
 
 
@@ -430,8 +484,14 @@ def build_backend(settings: Any) -> Backend:
 
     cfg = settings.serve
     base = default_base_model(settings)
+    if cfg.backend == "openai":
+        if not cfg.upstream_url:
+            raise ConfigError("TAOFLOW_SERVE_BACKEND=openai needs TAOFLOW_SERVE_UPSTREAM_URL (e.g. http://host:8000/v1)")
+        key = cfg.upstream_api_key.get_secret_value() if cfg.upstream_api_key else None
+        model = cfg.upstream_model or base
+        return OpenAIBackend(model, cfg.upstream_url, api_key=key, model=model, timeout_s=cfg.upstream_timeout_s)
     if cfg.backend == "vllm":
         key = cfg.vllm_api_key.get_secret_value() if cfg.vllm_api_key else None
-        return VllmBackend(base, cfg.vllm_url, launch=cfg.vllm_launch, api_key=key)
+        return VllmBackend(base, cfg.vllm_url, launch=cfg.vllm_launch, api_key=key, timeout_s=cfg.upstream_timeout_s)
     check_model(base)
     return TransformersBackend(base, cfg.device)

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,6 +48,7 @@ from serving.backends import Backend, Generation, GenRequest
 from serving.exceptions import BadRequest, RateLimited, ServingError
 from serving.guard import PRINCIPAL, Guard
 from serving.router import BASE, Decision, Operator, Router
+from serving.upstream import Tally, UpstreamError, reply_text
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ ID_HEADER = "X-Taoflow-Interaction-Id"
 LABEL = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 MAX_STOP = 4  # as OpenAI
 MAX_STOP_CHARS = 256
+MAX_N = 16  # choices per request an upstream may be asked for: each costs a full generation
+# what a local model cannot honour: asked for, they get a 400 rather than being silently ignored
+UNSUPPORTED_LOCALLY = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs")
 OTHER = "other"  # the metric label of task types not configured in `operators`
 
 
@@ -71,7 +76,8 @@ class _Message(BaseModel):
 
 
 class _SamplingRequest(BaseModel):
-    """What chat and text completions share; other OpenAI parameters are accepted and ignored."""
+    """What chat and text completions share; other OpenAI parameters are relayed to an upstream backend whole,
+    and refused by the local backend where it cannot honour them."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -79,7 +85,7 @@ class _SamplingRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
@@ -127,6 +133,23 @@ def _label(value: str, what: str) -> str:
             what.replace(" ", "_"),
         )  # fmt: skip
     return value
+
+
+def _unsupported_locally(req: Any) -> None:
+    """Refuse what the local (transformers) backend cannot serve, naming the field and the way out."""
+    extra = req.model_extra or {}
+    asked = [k for k in UNSUPPORTED_LOCALLY if extra.get(k) not in (None, False, [], "none")]
+    fmt = extra.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        asked.append("response_format")
+    if req.n != 1:
+        asked.append("n")
+    if asked:
+        raise BadRequest(
+            f"the transformers backend cannot serve {', '.join(asked)}: drop them, or put an OpenAI-compatible "
+            "server behind the gateway (TAOFLOW_SERVE_BACKEND=openai or vllm)",
+            code="unsupported_feature",
+        )
 
 
 def _pydantic_error(exc: ValidationError) -> str:
@@ -438,7 +461,15 @@ class Gateway:
             if spec.template:
                 for m in reversed(out):
                     if m["role"] == "user":
-                        m["content"] = spec.template.replace("{prompt}", m["content"] or "")
+                        content = m.get("content")
+                        if isinstance(content, list):  # content parts (images...): the template wraps the text ones
+                            m["content"] = [
+                                {**p, "text": spec.template.replace("{prompt}", p.get("text") or "")}
+                                if isinstance(p, dict) and p.get("type") == "text" else p
+                                for p in content
+                            ]  # fmt: skip
+                        else:
+                            m["content"] = spec.template.replace("{prompt}", content or "")
                         break
             if spec.system_prompt:
                 out.insert(0, {"role": "system", "content": spec.system_prompt})
@@ -514,7 +545,9 @@ def build_app(gateway: Gateway) -> Any:
     gw = gateway
 
     def error(exc: ServingError) -> JSONResponse:
-        body = {"error": {"message": str(exc), "type": exc.type, "param": None, "code": exc.code}}
+        # an upstream's own error object (its message, type, param, code) goes back as it came
+        err = getattr(exc, "error", None) or {"message": str(exc), "type": exc.type, "param": None, "code": exc.code}
+        body = {"error": err}
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         if isinstance(exc, RateLimited):
             headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
@@ -589,8 +622,6 @@ def build_app(gateway: Gateway) -> Any:
             target = forced_op.partition("@")[2]
             if target and target != BASE and target not in gw.backend.adapters:
                 raise BadRequest(f"adapter {target[:80]!r} is not loaded", status=404, code="model_not_found")
-        if req.n != 1:
-            raise BadRequest("only n = 1 is supported", code="unsupported_parameter")
         routed, adapter = gw.resolve_model(req.model)
         op = gw.router.choose(task_type, operator=forced_op, adapter=None if routed else adapter)
         label = task_type if task_type in gw.task_labels else OTHER
@@ -637,6 +668,11 @@ def build_app(gateway: Gateway) -> Any:
         }
         created = int(time.time())
         extra = {"interaction_id": iid, "taoflow": {"operator": op.name, "adapter": op.adapter, "task_type": task_type}}
+        if gw.backend.upstream:
+            relayed = relay_body(req, op, chat, max_tokens)
+            return await relay(relayed, op, iid, req, chat, extra, original, task_type, agent, principal, forced,
+                               headers)  # fmt: skip
+        _unsupported_locally(req)
         gw.backend.acquire(op.adapter)
         t0 = time.perf_counter()
         if req.stream:
@@ -736,7 +772,8 @@ def build_app(gateway: Gateway) -> Any:
             async for piece in gw.backend.stream(gen_req):
                 text += piece
                 yield chunk(piece)
-            yield chunk(None, "stop")
+            finish = gen_req.finish_reason or "stop"
+            yield chunk(None, finish)
             yield b"data: [DONE]\n\n"
         except ServingError as exc:
             err = {"error": {"message": str(exc), "type": exc.type, "code": exc.code}}
@@ -746,7 +783,7 @@ def build_app(gateway: Gateway) -> Any:
             await gw.backend.release(op.adapter)
         tok = getattr(gw.backend, "tokenizer", None)
         n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else 0
-        gen = Generation(text, gen_req.prompt_tokens, n_completion, "stop")
+        gen = Generation(text, gen_req.prompt_tokens, n_completion, finish)
         gw.capture(
             iid=iid,
             task_type=task_type,
@@ -763,6 +800,104 @@ def build_app(gateway: Gateway) -> Any:
             principal=principal,
             forced=forced,
         )
+
+    def relay_body(req: Any, op: Operator, chat: bool, max_tokens: int) -> dict[str, Any]:
+        """The client's body for the upstream: every field it sent, except what routing changes (the model, the
+        operator's system prompt/template) and `metadata` (the gateway's routing and capture channel: it may carry
+        scorer references that must not leave for a third party); token limits held to the gateway's bound."""
+        body: dict[str, Any] = req.model_dump(exclude_unset=True, exclude={"metadata"})
+        body["model"] = gw.backend.model_for(op.adapter)  # type: ignore[attr-defined]
+        if chat:
+            body["messages"] = gw.apply_operator(op, body["messages"], None)
+        else:
+            body["prompt"] = gw.apply_operator(op, None, req.prompt)
+        bounded = [k for k in ("max_tokens", "max_completion_tokens") if k in body]
+        for key in bounded or ["max_tokens"]:
+            body[key] = max_tokens
+        return body
+
+    async def relay(
+        body: dict[str, Any],
+        op: Operator,
+        iid: str,
+        req: Any,
+        chat: bool,
+        extra: dict[str, Any],
+        original: Any,
+        task_type: str,
+        agent: str | None,
+        principal: Principal,
+        forced: bool,
+        headers: dict[str, str],
+    ) -> Any:
+        """Serve through an OpenAI-compatible upstream: its reply (or stream) comes back whole, with the
+        gateway's interaction id and routing fields added, and is captured once it is complete."""
+        backend: Any = gw.backend
+        path = "/chat/completions" if chat else "/completions"
+        endpoint = "chat" if chat else "completions"
+
+        def record(gen: Generation, t0: float) -> None:
+            gw.capture(iid=iid, task_type=task_type, op=op, prompt=original, gen=gen,
+                       latency_ms=(time.perf_counter() - t0) * 1000, agent=agent, model=req.model, endpoint=endpoint,
+                       stream=bool(req.stream), metadata=req.metadata, served=op.adapter, principal=principal,
+                       forced=forced)  # fmt: skip
+
+        backend.acquire(op.adapter)
+        t0 = time.perf_counter()
+        if not req.stream:
+            try:
+                data = await backend.complete(path, body)
+            finally:
+                await backend.release(op.adapter)
+            choice = data["choices"][0] if isinstance(data["choices"][0], dict) else {}
+            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+            finish = choice.get("finish_reason") or "stop"
+            gen = Generation(reply_text(choice), int(usage.get("prompt_tokens") or 0),
+                             int(usage.get("completion_tokens") or 0), finish)  # fmt: skip
+            record(gen, t0)
+            data["model"] = req.model
+            data.update(extra)
+            return JSONResponse(data, headers=headers)
+        try:
+            resp = await backend.open_stream(path, body)  # an upstream error status comes back as that status
+        except BaseException:
+            await backend.release(op.adapter)
+            raise
+
+        async def chunks() -> AsyncIterator[bytes]:
+            tally = Tally()
+            try:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, SSE comments and keep-alives
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    doc = orjson.loads(data)
+                    if isinstance(doc, dict) and "error" in doc and "choices" not in doc:
+                        yield b"data: " + orjson.dumps(doc) + b"\n\n"  # the upstream's own error, as it sent it
+                        return
+                    tally.add(doc)
+                    doc["model"] = req.model
+                    doc.update(extra)
+                    yield b"data: " + orjson.dumps(doc) + b"\n\n"
+                usage = tally.usage
+                gen = Generation(tally.response(), int(usage.get("prompt_tokens") or 0),
+                                 int(usage.get("completion_tokens") or 0), tally.finish or "stop")  # fmt: skip
+                record(gen, t0)  # before [DONE]: a client that saw the end may look for the interaction at once
+                yield b"data: [DONE]\n\n"
+            except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+                failed = (backend.api.failure(exc) if isinstance(exc, httpx.HTTPError) else
+                          UpstreamError(f"the upstream sent a malformed stream chunk: {exc}", status=502,
+                                        code="upstream_error"))  # fmt: skip
+                log.warning("interaction %s: upstream stream cut: %s", iid, failed)
+                yield b"data: " + orjson.dumps({"error": failed.error}) + b"\n\n"
+                return
+            finally:
+                await resp.aclose()
+                await backend.release(op.adapter)
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:

@@ -355,7 +355,7 @@ class ServeSettings(_Component):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     model_name: str = Field(default="taoflow", description="the routed model name clients ask for")
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
     device: str = "auto"
     vllm_url: str | None = Field(default=None, description="attach to a running vLLM OpenAI server (…/v1)")
     vllm_launch: bool = Field(default=False, description="start `vllm serve` with runtime LoRA ourselves")
@@ -404,6 +404,16 @@ class ServeSettings(_Component):
     rate_limit_burst: int = Field(default=1000, ge=1, description="token-bucket size per API key")
     allow_open: bool = Field(
         default=False, description="start with no keys on a non-loopback host (anyone who reaches it may use it)"
+    )
+    upstream_url: str | None = Field(
+        default=None, description="the OpenAI-compatible server of backend 'openai' (…/v1: vLLM, Ollama, a hosted API)"
+    )
+    upstream_api_key: SecretStr | None = Field(default=None, description="bearer key the gateway sends upstream")
+    upstream_model: str | None = Field(
+        default=None, description="the upstream's model name for the base model (default: core.base_model)"
+    )
+    upstream_timeout_s: float = Field(
+        default=120.0, gt=0, description="connect and per-read limit on upstream calls; a stalled stream is cut after it"
     )
 
 

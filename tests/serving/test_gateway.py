@@ -136,3 +136,26 @@ def test_bad_input_gets_the_right_status_and_the_gateway_stays_up(tmp_path: Path
         assert "unreachable" in r.json()["error"]["message"]
         h = httpx.get(f"{url.removesuffix('/v1')}/healthz")
         assert h.status_code == 503 and h.json()["status"] == "backend_down"
+
+
+def test_transformers_backend_refuses_what_it_cannot_serve_and_reports_the_real_finish_reason(
+    tmp_path: Path, warm_model: Path
+) -> None:
+    settings = gw_settings(tmp_path / "d", warm_model, "127.0.0.1:9")
+    with running_gateway(settings, TransformersBackend(str(warm_model), "cpu"), kafka=False) as (url, _):
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        msg = [{"role": "user", "content": "What is 2 + 3?"}]
+        tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+        for kw in ({"tools": tools}, {"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_object"}}):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(model="taoflow", messages=msg, max_tokens=2, **kw)  # type: ignore[call-overload]
+            assert refused.value.code == "unsupported_feature" and next(iter(kw)) in refused.value.message
+
+        # max_tokens=1 is always hit by a model that has more to say: "length", in a stream as well
+        one = client.chat.completions.create(model="taoflow", messages=msg, max_tokens=1, temperature=0)
+        assert one.choices[0].finish_reason == "length"
+        finishes = [c.choices[0].finish_reason for c in client.chat.completions.create(
+            model="taoflow", messages=msg, max_tokens=1, temperature=0, stream=True) if c.choices]  # fmt: skip
+        assert finishes[-1] == "length"
+        plain = client.chat.completions.create(model="taoflow", messages=msg, max_tokens=2, temperature=0)
+        assert plain.choices[0].message.content is not None
