@@ -413,7 +413,7 @@ class ServeSettings(_Component):
         default=None, description="the upstream's model name for the base model (default: core.base_model)"
     )
     upstream_timeout_s: float = Field(
-        default=120.0, gt=0, description="connect and per-read limit on upstream calls; a stalled stream is cut after it"
+        default=120.0, gt=0, description="connect and per-read limit on upstream calls (a stalled stream is cut)"
     )
 
 
