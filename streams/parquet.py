@@ -149,6 +149,17 @@ class ParquetSink:
 
         return isinstance(self.fs, fs.LocalFileSystem)
 
+    def delete(self, paths: list[str]) -> int:
+        """Delete files this sink wrote (a batch whose commit was refused); returns how many were there."""
+        removed = 0
+        for path in paths:
+            try:
+                self.fs.delete_file(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
     def discard_uncommitted(self, committed: dict[tuple[str, int], int]) -> int:
         """Delete files (and temporaries) of these partitions from offsets at or past their commit point."""
         from pyarrow import fs
@@ -234,22 +245,33 @@ class ParquetLander:
                         continue  # a rebalance came between fetch and here; the records come again
                     assignment = consumer.assignment()
                     parts = {tp: recs for tp, recs in batch.items() if recs and tp in assignment}
-                    await loop.run_in_executor(None, self._write, parts, to_rows, limits)
-                    await consumer.commit({TopicPartition(tp.topic, tp.partition): recs[-1].offset + 1
-                                           for tp, recs in parts.items()})  # fmt: skip
+                    written = await loop.run_in_executor(None, self._write, parts, to_rows, limits)
+                    try:
+                        await consumer.commit({TopicPartition(tp.topic, tp.partition): recs[-1].offset + 1
+                                               for tp, recs in parts.items()})  # fmt: skip
+                    except Exception as exc:
+                        # the partitions moved while this batch was written (a lander paused past the session
+                        # timeout, then resumed: a zombie): the new owner reads these records again, so the late
+                        # files must not stay beside its own
+                        removed = await loop.run_in_executor(None, self.sink.delete, written)
+                        log.warning("commit refused (%s: %s); removed the batch's %d Parquet files, its "
+                                    "records are landed by the partitions' new owner", type(exc).__name__, exc,
+                                    removed)  # fmt: skip
         finally:
             await consumer.stop()
 
-    def _write(self, parts: dict[Any, list[Any]], to_rows: Any, limits: Any) -> None:
+    def _write(self, parts: dict[Any, list[Any]], to_rows: Any, limits: Any) -> list[str]:
         t0 = time.perf_counter()
+        written: list[str] = []
         for tp, recs in parts.items():
             rows = to_rows(recs, limits)
             table = TOPIC_TABLE[tp.topic]
             cols = rows.get(table)
             if cols:
-                self.sink.write(tp.topic, tp.partition, recs[0].offset, cols)
+                written += self.sink.write(tp.topic, tp.partition, recs[0].offset, cols)
                 self.landed[table] += len(next(iter(cols.values())))
         log.debug("landed %d partitions' records as Parquet in %.3fs", len(parts), time.perf_counter() - t0)
+        return written
 
 
 # -- reading it back -------------------------------------------------------------------------------------
