@@ -433,7 +433,7 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        parent = os.getppid()
+        parent = int(os.environ.get("_TAOFLOW_LANDER_PARENT") or os.getppid())
 
         async def orphan_watch() -> None:
             # a worker killed with SIGKILL cannot stop us; never outlive it holding the DuckDB file

@@ -31,7 +31,10 @@ class LanderSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.lander"], env=self.env)
+        # the lander watches this pid, not its own parent at start: a worker that dies while spawning it would leave
+        # an orphan whose first parent is already init, and that never notices it is orphaned
+        env = {**self.env, "_TAOFLOW_LANDER_PARENT": str(os.getpid())}
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.lander"], env=env)
 
     def _watch(self) -> None:
         backoff = 0.5

@@ -54,3 +54,23 @@ def test_worker_and_lander_stop_within_the_bound_while_the_broker_is_frozen(
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+
+
+def test_a_lander_whose_worker_died_while_starting_it_stops_on_its_own(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a worker that is already gone when its lander starts (its first parent is init)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAOFLOW_")}
+    env.update(TAOFLOW_DATA_DIR=str(tmp_path), TAOFLOW_KAFKA_BOOTSTRAP="127.0.0.1:9", TAOFLOW_STREAM_STOP_TIMEOUT_S="2",
+               _TAOFLOW_LANDER_PARENT=str(dead.pid), PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    t0 = time.monotonic()
+    lander = subprocess.Popen([sys.executable, "-m", "streams.lander"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        lander.wait(60)
+    finally:
+        if lander.poll() is None:
+            lander.kill()
+    assert time.monotonic() - t0 < 30
