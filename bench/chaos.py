@@ -187,6 +187,7 @@ class Producer(threading.Thread):
     def run(self) -> None:
         from kafka import KafkaProducer
 
+        producer = None
         try:
             producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, acks="all", retries=20,
                                      max_in_flight_requests_per_connection=1, request_timeout_ms=30_000)  # fmt: skip
@@ -203,9 +204,11 @@ class Producer(threading.Thread):
             for key, fut in futures:
                 md = fut.get(60)
                 self.positions[key] = (md.partition, md.offset)
-            producer.close()
         except BaseException as exc:  # reported by the run, never lost in a thread
             self.error = exc
+        finally:
+            if producer is not None:
+                producer.close()
 
 
 class CommitWatch(threading.Thread):
@@ -227,7 +230,11 @@ class CommitWatch(threading.Thread):
                     admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
                 offsets = admin.list_consumer_group_offsets(self.group)
             except Exception:
-                admin = None  # the broker may be paused: try again
+                # the broker may be paused: try again with a new client, and close this one (an abandoned client
+                # keeps reconnecting in the background, and logging, long after its broker is gone)
+                if admin is not None:
+                    admin.close()
+                admin = None
                 continue
             seen = time.time() * 1000
             for tp, meta in offsets.items():
@@ -240,9 +247,18 @@ class CommitWatch(threading.Thread):
 def read_topic(bootstrap: str, topic: str, quiet_s: float = 3.0) -> list[Any]:
     """Every record of a topic from offset 0, outside any group, until nothing new arrives for `quiet_s` and every
     partition's position reached the high watermark its fetch responses report."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import KafkaConsumer
 
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        return _read_all(c, topic, quiet_s)
+    finally:
+        c.close()
+
+
+def _read_all(c: Any, topic: str, quiet_s: float) -> list[Any]:
+    from kafka import TopicPartition
+
     tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
     c.assign(tps)
     c.seek_to_beginning(*tps)
@@ -254,7 +270,6 @@ def read_topic(bootstrap: str, topic: str, quiet_s: float = 3.0) -> list[Any]:
             out.extend(recs)
         if got or any((c.highwater(tp) or 0) > c.position(tp) for tp in tps):
             last = time.monotonic()
-    c.close()
     return out
 
 
