@@ -49,9 +49,11 @@ acl() {  # principal operations... -- resource options
 }
 
 I=taoflow.interactions F=taoflow.feedback S=taoflow.scores U=taoflow.utilities A=taoflow.adapters
-D=taoflow.dead-letters R=taoflow.learner.records
+D=taoflow.dead-letters R=taoflow.learner.records X=taoflow.sessions
+# the workers' internal repartition topics (rewards by operator, session steps by session, session joins by step)
+W=taoflow.worker.rewards Y=taoflow.worker.sessions J=taoflow.worker.session-joins
 
-for t in "$I" "$F" "$S" "$A" "$D" "$R"; do topic "$t" "$PARTITIONS"; done
+for t in "$I" "$F" "$S" "$A" "$D" "$R" "$X" "$W" "$Y" "$J"; do topic "$t" "$PARTITIONS"; done
 topic "$U" 1 --config cleanup.policy=compact
 
 # agents: produce events, nothing else
@@ -62,20 +64,22 @@ acl gateway Write Describe -- --topic "$I" --topic "$F" --topic "$A"
 acl gateway Read Describe -- --topic "$U" --topic "$A"
 
 # workers: inputs in, scores/utilities/dead letters out, their own table changelogs; Parquet landing
-acl worker Read Describe -- --topic "$I" --topic "$F" --topic "$S" --topic "$U" --topic "$D"
-acl worker Write -- --topic "$S" --topic "$U" --topic "$D"
+acl worker Read Describe -- --topic "$I" --topic "$F" --topic "$S" --topic "$U" --topic "$D" --topic "$X"
+acl worker Write -- --topic "$S" --topic "$U" --topic "$D" --topic "$X"
+acl worker Read Write Describe Create -- --topic "$W" --topic "$Y" --topic "$J"
 acl worker Describe Create -- --topic "$I" --topic "$F" --topic "$S" --topic "$U" --topic "$A" --topic "$D" \
-  --topic "$R"  # ensure_topics lists them and creates any that are missing (creating is not writing)
+  --topic "$R" --topic "$X"  # ensure_topics lists them and creates any that are missing (creating is not writing)
 acl worker Read Write Create Describe DescribeConfigs -- --topic "$APP_ID-" --resource-pattern-type prefixed
 acl worker Read -- --group "$APP_ID" --group "$APP_ID-parquet"
 
 # lander: reads everything, writes nothing
-acl lander Read Describe -- --topic "$I" --topic "$F" --topic "$S" --topic "$U" --topic "$A" --topic "$D" --topic "$R"
+acl lander Read Describe -- --topic "$I" --topic "$F" --topic "$S" --topic "$U" --topic "$A" --topic "$D" --topic "$R" \
+  --topic "$X"
 acl lander Read -- --group "$APP_ID-lander"
 
 # learner: publishes adapters and hands its round rows to the lander
 acl learner Write Describe -- --topic "$A" --topic "$R"
 acl learner Describe Create -- --topic "$I" --topic "$F" --topic "$S" --topic "$U" --topic "$A" --topic "$D" \
-  --topic "$R"
+  --topic "$R" --topic "$X"
 
 echo "taoflow topics and ACLs are in place"

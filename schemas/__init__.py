@@ -8,6 +8,7 @@ from schemas.feedback import FEEDBACK_KINDS, FeedbackEvent
 from schemas.interactions import ChatMessage, InteractionEvent, prompt_text
 from schemas.registry import EVENTS, export_json_schemas
 from schemas.scores import ScoreEvent
+from schemas.sessions import SessionEvent
 from schemas.utilities import UtilityEvent
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "InteractionEvent",
     "Limits",
     "ScoreEvent",
+    "SessionEvent",
     "UtilityEvent",
     "export_json_schemas",
     "new_event_id",

@@ -79,9 +79,7 @@ def _format_rfc3339(value: datetime) -> str:
 Timestamp = Annotated[datetime, BeforeValidator(_parse_rfc3339), PlainSerializer(_format_rfc3339, return_type=str)]
 """An aware datetime that reads and writes RFC 3339 (UTC, `Z` suffix, on output)."""
 
-EventTime = Annotated[
-    datetime, BeforeValidator(_parse_event_time), PlainSerializer(_format_rfc3339, return_type=str)
-]
+EventTime = Annotated[datetime, BeforeValidator(_parse_event_time), PlainSerializer(_format_rfc3339, return_type=str)]
 """A Timestamp sent by an agent (interactions, feedback): also bounded to a window around now (`Limits`)."""
 
 

@@ -26,10 +26,11 @@ from schemas.interactions import InteractionEvent
 
 _INTERACTION_FIELDS = frozenset(
     ("schema_version", "event_id", "ts", "agent_id", "task_type", "operator", "prompt", "response", "adapter",
-     "latency_ms", "metadata", "caller", "forced")
+     "latency_ms", "metadata", "caller", "forced", "finish_reason", "session_id", "step")
 )  # fmt: skip
+# tools, tool_calls and response_format (nested client documents) always take the model's way
 _FEEDBACK_FIELDS = frozenset(
-    ("schema_version", "event_id", "interaction_id", "ts", "kind", "value", "metadata", "caller")
+    ("schema_version", "event_id", "interaction_id", "ts", "kind", "value", "metadata", "caller", "session_id")
 )
 # `schemas.interactions.Caller`'s pattern; pydantic's (Rust) regex `$` is the end of the text, so `fullmatch`, not a
 # Python `$`, which would also match before a trailing newline
@@ -41,8 +42,9 @@ _MAX_NESTING = 64  # well inside pydantic's JSON recursion limit; counted conser
 class FastInteraction:
     """A validated InteractionEvent's fields (plain string prompt), as attributes."""
 
-    __slots__ = ("adapter", "agent_id", "caller", "event_id", "forced", "latency_ms", "metadata", "operator", "prompt",
-                 "response", "task_type", "ts")  # fmt: skip
+    __slots__ = ("adapter", "agent_id", "caller", "event_id", "finish_reason", "forced", "latency_ms", "metadata",
+                 "operator", "prompt", "response", "session_id", "step", "task_type", "ts")  # fmt: skip
+    tools = tool_calls = response_format = None  # never on the fast path
 
     def __init__(self, d: dict[str, Any], ts: datetime) -> None:
         self.event_id: str = d["event_id"]
@@ -57,16 +59,20 @@ class FastInteraction:
         self.metadata: dict[str, Any] = d.get("metadata", {})
         self.caller: str | None = d.get("caller")
         self.forced: bool = d.get("forced", False)
+        self.finish_reason: str | None = d.get("finish_reason")
+        self.session_id: str | None = d.get("session_id")
+        self.step: int | None = d.get("step")
 
 
 class FastFeedback:
     """A validated FeedbackEvent's fields, as attributes."""
 
-    __slots__ = ("caller", "event_id", "interaction_id", "kind", "metadata", "ts", "value")
+    __slots__ = ("caller", "event_id", "interaction_id", "kind", "metadata", "session_id", "ts", "value")
 
     def __init__(self, d: dict[str, Any], ts: datetime) -> None:
         self.event_id: str = d["event_id"]
-        self.interaction_id: str = d["interaction_id"]
+        self.interaction_id: str | None = d.get("interaction_id")
+        self.session_id: str | None = d.get("session_id")
         self.ts = ts
         self.kind: str = d["kind"]
         self.value = float(d["value"])
@@ -161,6 +167,13 @@ def fast_interaction(raw: Any, limits: Limits) -> FastInteraction | None:
     # pydantic's lax bool also takes 0/1 and "yes"/"off"/...; those go the slow way
     if not _caller(d.get("caller")) or type(d.get("forced", False)) is not bool:
         return None
+    finish, session, step = d.get("finish_reason"), d.get("session_id"), d.get("step")
+    if finish is not None and not (type(finish) is str and 0 < len(finish) <= 64):
+        return None
+    if session is not None and not _name(session):
+        return None
+    if step is not None and not (type(step) is int and 0 <= step <= 1_000_000):
+        return None
     return FastInteraction(d, ts)
 
 
@@ -170,7 +183,8 @@ def fast_feedback(raw: Any, limits: Limits) -> FastFeedback | None:
     if d is None:
         return None
     try:
-        if not (_name(d["event_id"]) and _name(d["interaction_id"])) or d["kind"] not in _KINDS:
+        target = [d[k] for k in ("interaction_id", "session_id") if d.get(k) is not None]
+        if not (_name(d["event_id"]) and len(target) == 1 and _name(target[0])) or d["kind"] not in _KINDS:
             return None
         value = d["value"]
         ts = _ts(d["ts"])

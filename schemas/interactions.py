@@ -62,6 +62,14 @@ class InteractionEvent(EventModel):
     metadata: Annotated[dict[str, Any], AfterValidator(check_metadata_size)] = Field(default_factory=dict)
     caller: Caller | None = None  # only feedback from the same caller (or a trusted producer) may score it
     forced: bool = False  # the client forced its operator or adapter: served and landed, never in utilities
+    # what a learner needs of a tool-using call (added in 0.2, optional: events without them stay valid)
+    tools: list[dict[str, Any]] | None = None  # the tools the request offered (OpenAI `tools`)
+    tool_calls: list[dict[str, Any]] | None = None  # the tool calls the response made
+    response_format: dict[str, Any] | None = None  # the response format the request asked for
+    finish_reason: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    # a multi-step task: its steps share a session id, and its outcome (session feedback) is judged as a whole
+    session_id: EventId | None = None
+    step: int | None = Field(default=None, ge=0, le=1_000_000)
 
     @field_validator("prompt")
     @classmethod

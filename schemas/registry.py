@@ -14,10 +14,12 @@ from schemas.feedback import FeedbackEvent
 from schemas.interactions import InteractionEvent
 from schemas.knowledge import KnowledgeFile
 from schemas.scores import ScoreEvent
+from schemas.sessions import SessionEvent
 from schemas.utilities import UtilityEvent
 
 EVENTS: dict[str, type[EventModel]] = {
-    m.__name__: m for m in (InteractionEvent, FeedbackEvent, ScoreEvent, UtilityEvent, AdapterEvent, DeadLetter)
+    m.__name__: m
+    for m in (InteractionEvent, FeedbackEvent, ScoreEvent, UtilityEvent, AdapterEvent, DeadLetter, SessionEvent)
 }
 # files, not events: no topic (`taoflow knowledge export` writes a KnowledgeFile)
 DOCUMENTS: dict[str, type[BaseModel]] = {"KnowledgeFile": KnowledgeFile}

@@ -6,11 +6,12 @@ SCORES = "taoflow.scores"
 UTILITIES = "taoflow.utilities"
 ADAPTERS = "taoflow.adapters"
 DEAD_LETTERS = "taoflow.dead-letters"
+SESSIONS = "taoflow.sessions"
 
 # the learner's round and candidate rows, landed into tao_rounds / tao_candidates by the DuckDB owner
 # (internal: one writer per DuckDB file, so the learner hands its rows over Kafka like every other table)
 LEARNER_RECORDS = "taoflow.learner.records"
 
-ALL_TOPICS = (INTERACTIONS, FEEDBACK, SCORES, UTILITIES, ADAPTERS, DEAD_LETTERS)
+ALL_TOPICS = (INTERACTIONS, FEEDBACK, SCORES, UTILITIES, ADAPTERS, DEAD_LETTERS, SESSIONS)
 INTERNAL_TOPICS = (LEARNER_RECORDS,)
 COMPACTED_TOPICS = frozenset({UTILITIES})

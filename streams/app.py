@@ -34,6 +34,7 @@ class WorkerContext:
     interactions: Any  # faust Table: interaction id -> join state (task, operator, adapter, ts, parts, feedback)
     pending_feedback: Any  # faust Table: interaction id -> feedback that arrived before its interaction
     utilities: Any  # faust Table: "task_type/operator" -> {u, n, last_reward, src positions}
+    sessions: Any  # faust Table: "caller|session_id" -> steps, session feedback, its reward (`streams.sessions`)
     producer: BatchProducer
     partitions: dict[str, int]
     counters: dict[str, int] = field(default_factory=dict)
@@ -155,13 +156,14 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
         interactions=app.Table("interaction-join", use_partitioner=True, **table),  # type: ignore[arg-type]
         pending_feedback=app.Table("pending-feedback", use_partitioner=True, **table),  # type: ignore[arg-type]
         utilities=app.Table("utilities", use_partitioner=True, **table),  # type: ignore[arg-type]
+        sessions=app.Table("sessions", use_partitioner=True, **table),  # type: ignore[arg-type]
         producer=BatchProducer(settings.bootstrap, kafka.security_kwargs()),
         partitions={},
     )
-    for t in (ctx.interactions, ctx.pending_feedback, ctx.utilities):
+    for t in (ctx.interactions, ctx.pending_feedback, ctx.utilities, ctx.sessions):
         ctx.partitions[t.changelog_topic.get_topic_name()] = parts  # faust creates changelogs with `parts`
 
-    from streams import feedback, interactions, rewards
+    from streams import feedback, interactions, rewards, sessions
     from streams.lane import Lane, patch_faust_drain
 
     patch_faust_drain()
@@ -169,8 +171,10 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
         topics.interactions.get_topic_name(): interactions.process_batch,
         topics.feedback.get_topic_name(): feedback.process_batch,
         topics.rewards.get_topic_name(): rewards.process_batch,
+        topics.session_steps.get_topic_name(): sessions.process_batch,
+        topics.session_joins.get_topic_name(): sessions.process_joins,
     })  # fmt: skip
-    for topic in (topics.interactions, topics.feedback, topics.rewards):
+    for topic in (topics.interactions, topics.feedback, topics.rewards, topics.session_steps, topics.session_joins):
         app.topics.add(topic)  # subscribed by faust's consumer; delivered through the lane
     app._taoflow_lane = lane  # type: ignore[attr-defined]
 

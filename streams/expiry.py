@@ -15,6 +15,7 @@ from typing import Any
 from schemas import DeadLetter
 from schemas import topics as names
 from streams.outbox import Outbox, partition_for
+from streams.topics import SESSIONS_INTERNAL
 
 
 def expire(ctx: Any, out: Outbox, assigned: set[tuple[str, int]], now: float | None = None) -> dict[str, int]:
@@ -25,7 +26,7 @@ def expire(ctx: Any, out: Outbox, assigned: set[tuple[str, int]], now: float | N
     now = time.time() if now is None else now
     horizon = now - ctx.cfg.join_ttl_s
     parts = ctx.settings.broker.partitions
-    counts = {"expired_interactions": 0, "expired_feedback": 0}
+    counts = {"expired_interactions": 0, "expired_feedback": 0, "expired_sessions": 0}
 
     def owned(topic: str, key: str) -> bool:
         return (topic, partition_for(key.encode(), parts)) in assigned
@@ -46,6 +47,17 @@ def expire(ctx: Any, out: Outbox, assigned: set[tuple[str, int]], now: float | N
             dead_letter_parked(ctx, out, item, reason, count=False)
             counts["expired_feedback"] += 1
         out.put_table(ctx.pending_feedback, iid, None)
+    sessions = getattr(ctx, "sessions", None)
+    for key, state in list(sessions.data.items()) if sessions is not None else ():
+        if state.get("w", now) >= horizon or not owned(SESSIONS_INTERNAL, key):
+            continue
+        for item in state.get("pf", ()):
+            reason = (f"feedback for session {state['sid']!r}: no step of it arrived within the join TTL "
+                      f"({ctx.cfg.join_ttl_s:.0f}s)")  # fmt: skip
+            dead_letter_parked(ctx, out, item, reason, count=False)
+            counts["expired_feedback"] += 1
+        out.put_table(ctx.sessions, key, None)
+        counts["expired_sessions"] += 1
     for name, n in counts.items():
         if n:
             ctx.count(name, n)

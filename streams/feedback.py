@@ -9,6 +9,7 @@ from schemas import FeedbackEvent
 from streams.app import WorkerContext
 from streams.outbox import Outbox, table_rows
 from streams.scoring import apply_feedback, position, refusal
+from streams.sessions import send_feedback
 
 
 def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
@@ -27,6 +28,9 @@ def process_batch(ctx: WorkerContext, out: Outbox, messages: list[Any]) -> None:
 def _one(ctx: WorkerContext, out: Outbox, fb: Any, msg: Any, table: Any, pending: Any) -> None:
     """One valid feedback event; it works on copies and writes its table last (see `WorkerContext.isolated`)."""
     cfg = ctx.cfg
+    if fb.session_id is not None:
+        send_feedback(ctx, out, fb, msg)  # to the session's owner, which joins it to every step
+        return
     iid = fb.interaction_id
     ts = fb.ts.timestamp()
     known = table.get(iid)

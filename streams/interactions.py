@@ -10,6 +10,7 @@ from streams.app import WorkerContext
 from streams.expiry import dead_letter_parked
 from streams.outbox import Outbox, table_rows
 from streams.scoring import apply_feedback, new_state, position, refusal, replay_first_score, score
+from streams.sessions import send_step
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,17 @@ def _one(ctx: WorkerContext, out: Outbox, ev: Any, msg: Any, p: dict[str, float]
             # redelivery of the very message that created this state (after a crash or rebalance): its outputs may
             # not have gone out, so send them again; they are identical, downstream drops repeats
             replay_first_score(ctx, out, iid, known)
+            if known.get("s"):
+                send_step(ctx, out, ev, iid, known)
             ctx.count("replayed_interactions")
         else:
             ctx.count("duplicate_interactions")  # the same event id in another message: the first one counts
         return
     state = new_state(ev.task_type, ev.operator, ev.adapter, ev.ts.timestamp(), p, src, msg.offset,
-                      caller=ev.caller, forced=ev.forced)  # fmt: skip
+                      caller=ev.caller, forced=ev.forced, session=ev.session_id, step=ev.step)  # fmt: skip
     score(ctx, out, iid, state, state["ts"], src, position(msg.offset))
+    if ev.session_id is not None:
+        send_step(ctx, out, ev, iid, state)
     parked = pending.get(iid)
     if parked:
         # their event ids count as seen: a redelivery of a parked feedback (its offset not yet committed when the

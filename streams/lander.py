@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiokafka.abc import ConsumerRebalanceListener
 
-from schemas import AdapterEvent, DeadLetter, InteractionEvent, ScoreEvent, UtilityEvent
+from schemas import AdapterEvent, DeadLetter, InteractionEvent, ScoreEvent, SessionEvent, UtilityEvent
 from schemas import topics as names
 from schemas.exceptions import EventValidationError
 from schemas.fast import FastInteraction, fast_score, fast_utility, parse_feedback, parse_interaction
@@ -51,9 +51,14 @@ def _interaction_row(
     values = (
         ev.event_id, ev.ts, ev.agent_id, ev.task_type, ev.operator, prompt, chat,
         hashlib.sha256(prompt.encode()).hexdigest(), ev.response, ev.adapter, ev.latency_ms,
-        orjson.dumps(ev.metadata).decode(), partition, offset, ev.caller, ev.forced,
+        orjson.dumps(ev.metadata).decode(), partition, offset, ev.caller, ev.forced, ev.session_id, ev.step,
+        ev.finish_reason, _json(ev.tools), _json(ev.tool_calls), _json(ev.response_format),
     )  # fmt: skip
     _append(rows, "interactions", values)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def _append(rows: list[tuple[Any, ...]], table: str, values: tuple[Any, ...]) -> None:
@@ -75,8 +80,17 @@ def to_rows(records: list[Any], limits: Any) -> dict[str, dict[str, list[Any]]]:
                 _append(
                     out["feedback"],
                     "feedback",
-                    (f.event_id, f.interaction_id, f.ts, f.kind, f.value, orjson.dumps(f.metadata).decode(), f.caller),
-                )
+                    (f.event_id, f.interaction_id, f.ts, f.kind, f.value, orjson.dumps(f.metadata).decode(), f.caller,
+                     f.session_id),
+                )  # fmt: skip
+            elif rec.topic == names.SESSIONS:
+                x = SessionEvent.model_validate_json(rec.value)
+                _append(
+                    out["sessions"],
+                    "sessions",
+                    (f"{x.caller or '-'}|{x.session_id}", x.session_id, x.caller, x.revision, x.ts, x.task_type,
+                     x.operator, x.adapter, x.steps, x.started, x.ended, x.reward, _json(x.feedback), x.rewarded),
+                )  # fmt: skip
             elif rec.topic == names.SCORES:
                 s = fast_score(rec.value, limits) or dict(ScoreEvent.model_validate_json(rec.value))
                 _append(
@@ -167,7 +181,7 @@ class Lander:
 
     TOPICS = (
         names.INTERACTIONS, names.FEEDBACK, names.SCORES, names.UTILITIES, names.DEAD_LETTERS, names.ADAPTERS,
-        names.LEARNER_RECORDS,
+        names.SESSIONS, names.LEARNER_RECORDS,
     )  # fmt: skip
 
     def __init__(self, settings: Settings) -> None:

@@ -13,6 +13,8 @@ Who may score what, and how often it counts (the worker's join rules):
   would move the utility as many times as it likes. The first value of a kind is the one the utility keeps.
 - A `forced` interaction (the client chose its operator or adapter) is scored and landed, but neither it nor
   its feedback rewards the utility: the router did not choose it, so its outcome says nothing of the choice.
+- A step of a multi-step session is scored and landed, but its operator's utility is rewarded by the session's
+  outcome, once per session (`streams.sessions`), not by each step.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from streams.outbox import Outbox
 
 def new_state(
     task_type: str, operator: str, adapter: str | None, ts: float, parts: dict[str, float], src: str, offset: int,
-    caller: str | None = None, forced: bool = False,
+    caller: str | None = None, forced: bool = False, session: str | None = None, step: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The join state kept per interaction id; `at` is the message that created it (its replay re-emits), `w`
     the wall-clock time it was created (join-state expiry counts from there, so backfilled history is kept),
-    `c` the caller that captured it and `x` whether its operator was forced (see the module docstring)."""
-    return {"t": task_type, "o": operator, "a": adapter, "ts": ts, "p": parts, "f": {}, "r": 0, "at": [src, offset],
-            "w": time.time(), "c": caller, "x": forced}  # fmt: skip
+    `c` the caller that captured it, `x` whether its operator was forced (see the module docstring), and `s`/`st`
+    its session and step when it is one step of a multi-step session (`streams.sessions`)."""
+    state = {"t": task_type, "o": operator, "a": adapter, "ts": ts, "p": parts, "f": {}, "r": 0, "at": [src, offset],
+             "w": time.time(), "c": caller, "x": forced}  # fmt: skip
+    if session is not None:
+        state["s"], state["st"] = session, step
+    return state
 
 
 def refusal(iid: str, feedback_caller: str | None, state: dict[str, Any]) -> str | None:
@@ -90,6 +96,8 @@ def score(
         ctx.count("repeated_feedback_kinds")
     elif state.get("x"):
         ctx.count("forced_scores")
+    elif state.get("s"):
+        ctx.count("session_step_scores")  # the session's outcome rewards its operator, once (`streams.sessions`)
     else:
         discounted = discounted_reward(item.reward, at - state["ts"], ctx.cfg.discount)
         ctx.send_reward(out, f"{state['t']}/{state['o']}", discounted, src, pos, iid, at)

@@ -30,17 +30,42 @@ CREATE TABLE IF NOT EXISTS interactions (
     landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
     -- added after the first release: last, and nullable, as MIGRATIONS adds them to an existing file
     caller VARCHAR,                   -- hash of the gateway API key that captured it; NULL: a trusted producer
-    forced BOOLEAN DEFAULT false      -- the client forced the operator/adapter: never counted in utilities
+    forced BOOLEAN DEFAULT false,     -- the client forced the operator/adapter: never counted in utilities
+    session_id VARCHAR,               -- the multi-step session it is a step of (NULL: a single call)
+    step INTEGER,                     -- its step in that session
+    finish_reason VARCHAR,            -- why generation stopped (stop, length, tool_calls, ...)
+    tools JSON,                       -- the tools the request offered
+    tool_calls JSON,                  -- the tool calls the response made
+    response_format JSON              -- the response format the request asked for
 );
 CREATE TABLE IF NOT EXISTS feedback (
     event_id VARCHAR PRIMARY KEY,
-    interaction_id VARCHAR NOT NULL,
+    interaction_id VARCHAR,           -- NULL for feedback on a whole session
     ts TIMESTAMPTZ NOT NULL,
     kind VARCHAR NOT NULL,
     value DOUBLE NOT NULL,
     metadata JSON,
     landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
-    caller VARCHAR                    -- who sent it (as on interactions); another caller's feedback is dead-lettered
+    caller VARCHAR,                   -- who sent it (as on interactions); another caller's feedback is dead-lettered
+    session_id VARCHAR                -- feedback on a whole multi-step session (then interaction_id is NULL)
+);
+CREATE TABLE IF NOT EXISTS sessions (  -- every revision of each session's outcome (`session_outcomes`: the latest)
+    session_key VARCHAR NOT NULL,     -- `<caller or ->|<session_id>`: one caller's session
+    session_id VARCHAR NOT NULL,
+    caller VARCHAR,                   -- sessions are kept per caller: NULL is a trusted producer's
+    revision INTEGER NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    task_type VARCHAR,
+    operator VARCHAR,
+    adapter VARCHAR,
+    steps INTEGER NOT NULL,
+    started TIMESTAMPTZ,
+    ended TIMESTAMPTZ,
+    reward DOUBLE,
+    feedback JSON,
+    rewarded BOOLEAN NOT NULL,
+    landed_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (session_key, revision)
 );
 CREATE TABLE IF NOT EXISTS scores (
     interaction_id VARCHAR NOT NULL,
@@ -146,6 +171,14 @@ ALTER TABLE interactions ADD COLUMN IF NOT EXISTS caller VARCHAR;
 ALTER TABLE interactions ADD COLUMN IF NOT EXISTS forced BOOLEAN DEFAULT false;
 ALTER TABLE feedback ADD COLUMN IF NOT EXISTS caller VARCHAR;
 ALTER TABLE utilities ADD COLUMN IF NOT EXISTS imported BIGINT DEFAULT 0;
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS session_id VARCHAR;
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS step INTEGER;
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS finish_reason VARCHAR;
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS tools JSON;
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS tool_calls JSON;
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS response_format JSON;
+ALTER TABLE feedback ADD COLUMN IF NOT EXISTS session_id VARCHAR;
+ALTER TABLE feedback ALTER COLUMN interaction_id DROP NOT NULL;
 """
 
 # Views: what users query to see whether the loop improves (README, "Watching the loop").
@@ -180,6 +213,21 @@ LEFT JOIN utilities u USING (task_type, operator)
 LEFT JOIN sel USING (task_type, operator)
 LEFT JOIN rew USING (task_type, operator)
 ORDER BY ops.task_type, rank, ops.operator;
+
+CREATE OR REPLACE VIEW session_outcomes AS  -- each session's latest revision: steps, operator, reward, duration
+WITH last AS (SELECT session_key, max(revision) AS revision FROM sessions GROUP BY session_key)
+SELECT s.session_id, s.caller, s.task_type, s.operator, coalesce(s.adapter, 'base') AS adapter, s.steps, s.reward,
+       s.feedback, s.rewarded, s.started, s.ended,
+       date_diff('millisecond', s.started, s.ended) / 1000.0 AS duration_s, s.ts AS updated
+FROM sessions s JOIN last USING (session_key, revision);
+
+CREATE OR REPLACE VIEW session_leaderboard AS  -- session outcomes per operator (sessions with a reward)
+SELECT task_type, operator, adapter, count(*) AS sessions, avg(steps) AS mean_steps, avg(reward) AS mean_reward,
+       avg(reward) - 1.96 * coalesce(stddev_samp(reward), 0) / sqrt(count(*)) AS ci_low,
+       avg(reward) + 1.96 * coalesce(stddev_samp(reward), 0) / sqrt(count(*)) AS ci_high,
+       avg(duration_s) AS mean_duration_s
+FROM session_outcomes WHERE reward IS NOT NULL AND operator IS NOT NULL
+GROUP BY ALL ORDER BY task_type, mean_reward DESC;
 
 CREATE OR REPLACE VIEW round_history AS
 SELECT round_id, status AS decision, started_at, finished_at,
@@ -221,8 +269,13 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "interactions": (
         "event_id", "ts", "agent_id", "task_type", "operator", "prompt", "prompt_is_chat", "prompt_hash",
         "response", "adapter", "latency_ms", "metadata", "kafka_partition", "kafka_offset", "caller", "forced",
+        "session_id", "step", "finish_reason", "tools", "tool_calls", "response_format",
     ),
-    "feedback": ("event_id", "interaction_id", "ts", "kind", "value", "metadata", "caller"),
+    "feedback": ("event_id", "interaction_id", "ts", "kind", "value", "metadata", "caller", "session_id"),
+    "sessions": (
+        "session_key", "session_id", "caller", "revision", "ts", "task_type", "operator", "adapter", "steps",
+        "started", "ended", "reward", "feedback", "rewarded",
+    ),
     "scores": ("interaction_id", "revision", "ts", "task_type", "operator", "adapter", "reward", "parts"),
     "utility_history": ("task_type", "operator", "n", "utility", "last_reward", "ts"),
     "utilities": ("task_type", "operator", "utility", "n", "last_reward", "ts", "imported"),
@@ -239,13 +292,16 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 # columns a batch may leave out (added after other writers of these tables existed): they take their DDL default
 OPTIONAL: dict[str, frozenset[str]] = {
-    "interactions": frozenset({"caller", "forced"}),
-    "feedback": frozenset({"caller"}),
+    "interactions": frozenset(
+        {"caller", "forced", "session_id", "step", "finish_reason", "tools", "tool_calls", "response_format"}
+    ),
+    "feedback": frozenset({"caller", "session_id"}),
     "utilities": frozenset({"imported"}),
 }
 KEYS: dict[str, tuple[str, ...]] = {
     "interactions": ("event_id",),
     "feedback": ("event_id",),
+    "sessions": ("session_key", "revision"),
     "scores": ("interaction_id", "revision"),
     "utility_history": ("task_type", "operator", "n"),
     "utilities": ("task_type", "operator"),

@@ -10,6 +10,10 @@ import faust
 from schemas import topics as names
 
 REWARDS_INTERNAL = "taoflow.worker.rewards"  # rewards re-keyed by task_type/operator for the utility table
+SESSIONS_INTERNAL = (
+    "taoflow.worker.sessions"  # session steps and session feedback, keyed by session (`streams.sessions`)
+)
+SESSION_JOINS_INTERNAL = "taoflow.worker.session-joins"  # session feedback for one step, keyed by its interaction
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,9 @@ class Topics:
     utilities: faust.TopicT
     dead_letters: faust.TopicT
     rewards: faust.TopicT
+    sessions: faust.TopicT
+    session_steps: faust.TopicT
+    session_joins: faust.TopicT
 
 
 def declare(app: faust.App, partitions: int) -> Topics:
@@ -35,4 +42,7 @@ def declare(app: faust.App, partitions: int) -> Topics:
         utilities=topic(names.UTILITIES, parts=None),
         dead_letters=topic(names.DEAD_LETTERS),
         rewards=topic(REWARDS_INTERNAL, internal=True),
+        sessions=topic(names.SESSIONS),
+        session_steps=topic(SESSIONS_INTERNAL, internal=True),
+        session_joins=topic(SESSION_JOINS_INTERNAL, internal=True),
     )

@@ -244,6 +244,9 @@ class StreamSettings(_Component):
     max_feedback_per_interaction: int = Field(
         default=256, ge=1, description="distinct feedback events one interaction takes; more: dead letters"
     )
+    max_session_steps: int = Field(
+        default=1024, ge=1, description="steps one multi-step session joins; later steps are scored but not joined"
+    )
     land: bool = Field(default=True, description="run the lander process beside the worker (DuckDB and/or Parquet)")
     land_duckdb: bool = Field(default=True, description="land in the DuckDB file (one owner, others stand by)")
     parquet_url: str | None = Field(

@@ -304,6 +304,10 @@ def test_kafka_principals_write_only_what_their_code_writes() -> None:
         "taoflow.scores": {"worker"},
         "taoflow.dead-letters": {"worker"},
         "taoflow.learner.records": {"learner"},
+        "taoflow.sessions": {"worker"},
+        "taoflow.worker.rewards": {"worker"},
+        "taoflow.worker.sessions": {"worker"},
+        "taoflow.worker.session-joins": {"worker"},
     }
     script = _script_acls()
     users = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "kafka-users.yaml").read_text()) if d]
@@ -321,4 +325,4 @@ def test_kafka_principals_write_only_what_their_code_writes() -> None:
             "Write" in ops for (user, _), ops in acls.items() if user == "lander"
         ), f"{where}: the lander reads every topic and writes none"
     # every prefixed / wildcard grant is the workers' own changelogs, never taoflow.*
-    assert "taoflow.\" --resource-pattern-type" not in (DEPLOY / "kafka-acls.sh").read_text()
+    assert 'taoflow." --resource-pattern-type' not in (DEPLOY / "kafka-acls.sh").read_text()

@@ -15,9 +15,9 @@ import orjson
 
 from learners.rewards import CompositeScorer, build_scorer
 from schemas import topics as names
-from streams import feedback, interactions, lander, rewards, store
+from streams import feedback, interactions, lander, rewards, sessions, store
 from streams.app import WorkerContext
-from streams.topics import REWARDS_INTERNAL, Topics
+from streams.topics import REWARDS_INTERNAL, SESSION_JOINS_INTERNAL, SESSIONS_INTERNAL, Topics
 from taoflow.settings import Settings
 from tests.streams.harness import SCORERS
 
@@ -58,7 +58,7 @@ class Worker:
         settings = Settings(overrides={"core": {"data_dir": tmp_path},
                                        "stream": {"scorers": json.loads(SCORERS), **stream}})  # fmt: skip
         cfg = settings.stream
-        tables = {name: MemoryTable(name) for name in ("interaction-join", "pending-feedback", "utilities")}
+        tables = {name: MemoryTable(name) for name in ("interaction-join", "pending-feedback", "utilities", "sessions")}
         topic_names = {
             "interactions": names.INTERACTIONS,
             "feedback": names.FEEDBACK,
@@ -66,17 +66,21 @@ class Worker:
             "utilities": names.UTILITIES,
             "dead_letters": names.DEAD_LETTERS,
             "rewards": REWARDS_INTERNAL,
+            "sessions": names.SESSIONS,
+            "session_steps": SESSIONS_INTERNAL,
+            "session_joins": SESSION_JOINS_INTERNAL,
         }
         self.ctx = WorkerContext(
             settings=settings, cfg=cfg, limits=settings.limits.limits(),
             scorer=CompositeScorer([build_scorer(s) for s in cfg.scorers], cfg.feedback_weights),
             topics=Topics(**{k: Named(v) for k, v in topic_names.items()}),  # type: ignore[arg-type]
             interactions=tables["interaction-join"], pending_feedback=tables["pending-feedback"],
-            utilities=tables["utilities"], producer=None,  # type: ignore[arg-type]
+            utilities=tables["utilities"], sessions=tables["sessions"], producer=None,  # type: ignore[arg-type]
             partitions={t.changelog_topic.get_topic_name(): 4 for t in tables.values()},
         )  # fmt: skip
         self.processors = {names.INTERACTIONS: interactions.process_batch, names.FEEDBACK: feedback.process_batch,
-                           REWARDS_INTERNAL: rewards.process_batch}  # fmt: skip
+                           REWARDS_INTERNAL: rewards.process_batch, SESSIONS_INTERNAL: sessions.process_batch,
+                           SESSION_JOINS_INTERNAL: sessions.process_joins}  # fmt: skip
         self.log: dict[str, list[Record]] = defaultdict(list)  # every record "in Kafka", per topic
         self._offsets: dict[str, itertools.count[int]] = defaultdict(itertools.count)
         self.con = store.connect(tmp_path / "taoflow.duckdb")
@@ -98,16 +102,25 @@ class Worker:
             if isinstance(doc, bytes):
                 batch.append(self.produce(topic, b"raw", doc))
             else:
-                key = doc.get("interaction_id", doc.get("event_id", "")).encode()
+                key = (doc.get("interaction_id") or doc.get("session_id") or doc.get("event_id", "")).encode()
                 batch.append(self.produce(topic, key, orjson.dumps(doc)))
-        while batch:
+        self.run(batch)
+
+    def run(self, batch: list[Record]) -> None:
+        """Process a batch and, as fetched batches of their own, the internal records it causes, until none is left."""
+        queue = [batch]
+        while queue:
+            batch = queue.pop(0)
+            if not batch:
+                continue
             out = self.ctx.outbox()
             self.processors[batch[0].topic](self.ctx, out, batch)
             self.outboxes.append(out)
             self.land(batch)
             made = [self.produce(t, k, v) for t, msgs in out.msgs.items() for k, v, _ in msgs if v is not None]
-            self.land([r for r in made if r.topic != REWARDS_INTERNAL])
-            batch = [r for r in made if r.topic == REWARDS_INTERNAL]
+            self.land([r for r in made if r.topic not in self.processors])
+            for topic in (SESSIONS_INTERNAL, SESSION_JOINS_INTERNAL, REWARDS_INTERNAL):
+                queue.append([r for r in made if r.topic == topic])
 
     def land(self, records: list[Record]) -> None:
         for table, cols in lander.to_rows(records, self.ctx.limits).items():

@@ -1,0 +1,161 @@
+"""Multi-step sessions in the stream worker (issue 15): session feedback joins every step, whenever it comes, and
+rewards the operator that ran the session once per session, not once per step.
+
+The worker's real processors run on the broker-free harness (`tests.streams.memory`): each output is handed to the
+next processor as Kafka would, and every record is landed with the lander's real row mapping in a real DuckDB file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from schemas import topics as names
+from streams import expiry
+from streams.topics import REWARDS_INTERNAL, SESSIONS_INTERNAL
+from tests.streams.memory import Worker
+
+ALICE, MALLORY = "a" * 32, "b" * 32
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Worker]:
+    w = Worker(tmp_path)
+    yield w
+    w.con.close()
+
+
+def step(n: int, sid: str = "s1", caller: str | None = ALICE, operator: str = "plan", r: float = 0.25,
+         **extra: Any) -> dict[str, Any]:  # fmt: skip
+    return {"event_id": f"{sid}-{n}", "ts": (T0 + timedelta(seconds=10 * n)).isoformat(), "agent_id": "agent",
+            "task_type": "ticket", "operator": operator, "prompt": f"step {n}", "response": "ok",
+            "metadata": {"r": r}, "caller": caller, "session_id": sid, "step": n, **extra}  # fmt: skip
+
+
+def session_fb(eid: str, value: float, sid: str = "s1", caller: str | None = ALICE, kind: str = "task_success",
+               second: int = 100) -> dict[str, Any]:  # fmt: skip
+    return {"event_id": eid, "session_id": sid, "ts": (T0 + timedelta(seconds=second)).isoformat(), "kind": kind,
+            "value": value, "caller": caller}  # fmt: skip
+
+
+def rewards(worker: Worker) -> list[dict[str, Any]]:
+    return [orjson.loads(m.value) for m in worker.log[REWARDS_INTERNAL]]
+
+
+def step_parts(worker: Worker, sid: str = "s1") -> dict[str, dict[str, float]]:
+    rows = worker.sql(
+        "SELECT interaction_id, parts FROM final_scores WHERE interaction_id LIKE ? ORDER BY 1", f"{sid}-%"
+    )
+    return {iid: json.loads(parts) for iid, parts in rows}
+
+
+ORDERS = {
+    "before": ["fb", 0, 1, 2],
+    "between": [0, 1, "fb", 2],
+    "after": [0, 1, 2, "fb"],
+}
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_session_feedback_before_between_or_after_its_steps(worker: Worker, order: str) -> None:
+    for item in ORDERS[order]:
+        if item == "fb":
+            worker.send(names.FEEDBACK, session_fb("done", 1.0))
+        else:
+            worker.send(names.INTERACTIONS, step(int(item)))
+    # every step scored with its own part and the session's outcome joined
+    assert step_parts(worker) == {f"s1-{n}": {"planted": 0.25, "feedback.task_success": 1.0} for n in range(3)}
+    # one utility update for the session, to the operator that ran it; no per-step rewards
+    [reward] = rewards(worker)
+    assert reward["iid"] == f"session:{ALICE}|s1" and 0.99 < reward["r"] <= 1.0
+    assert worker.sql("SELECT task_type, operator, n FROM utilities") == [("ticket", "plan", 1)]
+    # the sessions view, exact
+    [row] = worker.sql("SELECT session_id, caller, task_type, operator, adapter, steps, reward, rewarded, duration_s "
+                       "FROM session_outcomes")  # fmt: skip
+    assert row == ("s1", ALICE, "ticket", "plan", "base", 3, 1.0, True, 20.0)
+    assert worker.sql("SELECT session_id, interaction_id, kind FROM feedback") == [("s1", None, "task_success")]
+    assert worker.sql("SELECT session_id, step FROM interactions ORDER BY step") == [("s1", 0), ("s1", 1), ("s1", 2)]
+    assert worker.sql("SELECT operator, sessions, mean_steps, mean_reward FROM session_leaderboard") == [
+        ("plan", 1, 3.0, 1.0)
+    ]
+
+
+def test_feedback_kinds_before_between_and_after_one_update_every_step_joined(worker: Worker) -> None:
+    worker.send(names.FEEDBACK, session_fb("f1", 1.0, kind="task_success", second=1))
+    worker.send(names.INTERACTIONS, step(0))
+    worker.send(names.INTERACTIONS, step(1))
+    worker.send(names.FEEDBACK, session_fb("f2", 0.0, kind="thumbs", second=15))
+    worker.send(names.INTERACTIONS, step(2))
+    worker.send(names.FEEDBACK, session_fb("f3", 0.5, kind="rating", second=100))
+    joined = {"planted": 0.25, "feedback.task_success": 1.0, "feedback.thumbs": 0.0, "feedback.rating": 0.5}
+    assert step_parts(worker) == {f"s1-{n}": joined for n in range(3)}
+    assert len(rewards(worker)) == 1  # once per session: when a step and session feedback were first both known
+    [(n,)] = worker.sql("SELECT n FROM utilities WHERE operator = 'plan'")
+    assert n == 1
+    [(reward, feedback, revisions)] = worker.sql(
+        "SELECT o.reward, o.feedback, (SELECT count(*) FROM sessions) FROM session_outcomes o"
+    )
+    assert reward == pytest.approx(0.5) and json.loads(feedback) == {"task_success": 1.0, "thumbs": 0.0, "rating": 0.5}
+    assert revisions == 6  # a revision per step and per feedback
+
+
+def test_redelivery_duplicates_nothing(worker: Worker) -> None:
+    worker.send(names.INTERACTIONS, step(0))
+    worker.send(names.FEEDBACK, session_fb("done", 1.0))
+    worker.send(names.INTERACTIONS, step(1))
+    before = worker.sql("SELECT count(*) FROM sessions")
+    # every session record delivered again (a crash before its offsets were committed), then the inputs again
+    worker.run(list(worker.log[SESSIONS_INTERNAL]))
+    worker.send(names.INTERACTIONS, step(1))
+    worker.send(names.FEEDBACK, session_fb("done", 1.0))
+    assert worker.sql("SELECT n FROM utilities") == [(1,)]
+    assert worker.sql("SELECT count(*) FROM sessions") == before
+    assert worker.sql("SELECT count(*), count(DISTINCT interaction_id) FROM final_scores") == [(2, 2)]
+    assert (
+        worker.ctx.counters["duplicate_session_steps"] >= 2 and worker.ctx.counters["duplicate_session_feedback"] >= 2
+    )
+
+
+def test_sessions_are_kept_per_caller(worker: Worker) -> None:
+    worker.send(names.INTERACTIONS, step(0))
+    worker.send(names.INTERACTIONS, step(1, caller=MALLORY, operator="sabotage"))  # the same session id, another key
+    worker.send(names.FEEDBACK, session_fb("m", 0.0, caller=MALLORY))
+    worker.send(names.FEEDBACK, session_fb("a", 1.0, caller=ALICE))
+    rows = worker.sql("SELECT caller, operator, steps, reward FROM session_outcomes ORDER BY caller")
+    assert rows == [(ALICE, "plan", 1, 1.0), (MALLORY, "sabotage", 1, 0.0)]
+    assert step_parts(worker)["s1-0"] == {"planted": 0.25, "feedback.task_success": 1.0}  # Mallory's 0.0 not joined
+
+
+def test_forced_session_is_landed_but_rewards_no_utility(worker: Worker) -> None:
+    worker.send(names.INTERACTIONS, step(0, forced=True))
+    worker.send(names.FEEDBACK, session_fb("done", 1.0))
+    assert rewards(worker) == [] and worker.sql("SELECT count(*) FROM utilities") == [(0,)]
+    assert worker.sql("SELECT steps, reward, rewarded FROM session_outcomes") == [(1, 1.0, False)]
+
+
+def test_session_feedback_whose_session_never_comes_is_dead_lettered_at_expiry(worker: Worker) -> None:
+    sent = session_fb("lonely", 1.0, sid="ghost")
+    worker.send(names.FEEDBACK, sent)
+    out = worker.ctx.outbox()
+    parts = worker.ctx.settings.broker.partitions
+    assigned = {(SESSIONS_INTERNAL, p) for p in range(parts)}
+    counts = expiry.expire(worker.ctx, out, assigned, now=datetime.now(UTC).timestamp() + 8 * 24 * 3600)
+    assert counts["expired_feedback"] == 1 and counts["expired_sessions"] == 1
+    [(_, value, _)] = out.msgs[names.DEAD_LETTERS]
+    letter = orjson.loads(value)
+    assert "no step of it arrived" in letter["error"] and letter["source_topic"] == names.FEEDBACK
+    assert worker.ctx.sessions.data == {}
+
+
+def test_feedback_names_exactly_one_target(worker: Worker) -> None:
+    both = {**session_fb("both", 1.0), "interaction_id": "s1-0"}
+    worker.send(names.FEEDBACK, both)
+    [(error,)] = worker.sql("SELECT error FROM dead_letters")
+    assert "exactly one of interaction_id and session_id" in error
