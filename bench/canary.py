@@ -25,19 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.release import radius  # noqa: E402
+from serving.release import SequentialTest, radius  # noqa: E402
 
 BASE_MEAN = 0.5
-
-
-@dataclass(frozen=True)
-class Rule:
-    alpha: float = 0.05
-    tau: float = 0.05
-    min_effect: float = 0.0
-    margin: float = 0.0
-    min_rewards: int = 30
-    max_rewards: int = 20_000  # canary rewards before an undecided canary is rolled back
 
 
 @dataclass
@@ -58,7 +48,7 @@ def _rewards(rng: np.random.Generator, mean: np.ndarray, kind: str) -> np.ndarra
 
 
 def sequential(
-    rng: np.random.Generator, n: int, delta: float, kind: str, rule: Rule, share: float, block: int = 4096
+    rng: np.random.Generator, n: int, delta: float, kind: str, rule: SequentialTest, share: float, block: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per canary: the verdict (1 promote, -1 roll back, 0 expired) and the canary rewards when it was reached."""
     verdict = np.zeros(n, dtype=np.int8)
@@ -108,49 +98,58 @@ def sequential(
 
 def utility_rule(
     rng: np.random.Generator, n: int, delta: float, kind: str, share: float, after_delta: float | None = None,
-    max_steps: int = 200_000,
+    max_steps: int = 200_000, alpha: float = 0.2, initial: float = 0.0, need: int = 20, margin: float = 0.1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The gateway's current rule (its real Router on ACT-R utilities). With `after_delta`, a promoted canary's
-    quality changes to that and the returned rollbacks are those of the promoted adapter."""
-    from serving.router import Router
-    from taoflow.settings import Settings
+    """The gateway's previous rule (before the sequential test, commit a34ee90): ACT-R utilities (alpha 0.2, from
+    0), bias-corrected; promote once the canary has `need` rewards and is ahead, roll back when it is behind by
+    `margin`; after a promotion the predecessor keeps the canary's share and the promoted adapter is rolled back
+    when, `need` rewards later, it is behind by `margin`. Vectorised across canaries, one reward per step.
+    With `after_delta`, a promoted canary's quality changes to that; `later` marks the promoted ones rolled back."""
 
-    settings = Settings()
-    alpha, init = settings.stream.alpha, settings.stream.initial_utility
+    def unbiased(u: np.ndarray, k: np.ndarray) -> np.ndarray:
+        left = (1 - alpha) ** k
+        return np.where(k > 0, (u - left * initial) / np.maximum(1 - left, 1e-300), initial)
+
     verdict = np.zeros(n, dtype=np.int8)
     at = np.zeros(n, dtype=np.int64)
     later = np.zeros(n, dtype=np.int8)
-    for i in range(n):
-        router = Router(settings.serve, initial_utility=init, noise_s=0.0, alpha=alpha, seed=i)
-        router.canary = "c"
-        u = {"c": (init, 0), None: (init, 0)}
-        quality = {"c": BASE_MEAN + delta, None: BASE_MEAN}
-        for _step in range(max_steps):
-            side = router.canary if router.canary is not None and rng.random() < share else router.incumbent
-            if router.canary is None and router.history and rng.random() < share:
-                side = router.history[-1]  # the predecessor kept warm with a share of traffic
-            r = float(_rewards(rng, np.array([quality[side]]), kind)[0])
-            util, k = u[side]
-            u[side] = (util + alpha * (r - util), k + 1)
-            router.update_utility("t", f"default@{side or 'base'}", *u[side])
-            d = router.decide()
-            if d is None:
-                continue
-            if d.action == "promoted" and verdict[i] == 0:
-                verdict[i], at[i] = 1, u["c"][1]
-                if after_delta is None:
-                    break
-                quality["c"] = BASE_MEAN + after_delta
-                continue
-            if verdict[i] == 0:
-                verdict[i], at[i] = -1, u["c"][1]
-                break
-            later[i] = -1
+    u = np.full((n, 2), initial)  # column 0: the canary (then the promoted adapter), 1: the incumbent / predecessor
+    k = np.zeros((n, 2), dtype=np.int64)
+    quality = np.stack([np.full(n, BASE_MEAN + delta), np.full(n, BASE_MEAN)], axis=1)
+    promoted_at = np.zeros(n, dtype=np.int64)
+    live = np.ones(n, dtype=bool)  # still being decided (a canary, or a promotion still watched)
+    rows = np.arange(n)
+    for _step in range(max_steps):
+        if not live.any():
             break
+        canary_share = np.where(verdict == 1, 1 - share, share)  # promoted: the predecessor keeps `share`
+        side = np.where(rng.random(n) < canary_share, 0, 1)
+        r = _rewards(rng, quality[rows, side], kind)
+        upd = live
+        u[rows[upd], side[upd]] += alpha * (r[upd] - u[rows[upd], side[upd]])
+        k[rows[upd], side[upd]] += 1
+        both = (k[:, 0] > 0) & (k[:, 1] > 0)
+        diff = np.where(both, unbiased(u[:, 0], k[:, 0]) - unbiased(u[:, 1], k[:, 1]), 0.0)
+        deciding = live & (verdict == 0) & both & (k[:, 0] >= need)
+        up = deciding & (diff > 0)
+        down = deciding & (diff < -margin)
+        verdict[up], at[up] = 1, k[up, 0]
+        verdict[down], at[down] = -1, k[down, 0]
+        live &= ~down
+        if after_delta is None:
+            live &= ~up
+        else:
+            quality[up, 0] = BASE_MEAN + after_delta
+            promoted_at[up] = k[up, 0]
+            watched = live & (verdict == 1) & ~up & (k[:, 0] - promoted_at >= need) & (diff < -margin)
+            later[watched] = -1
+            live &= ~watched
     return verdict, at, later
 
 
-def watch(rng: np.random.Generator, n: int, after_delta: float, kind: str, rule: Rule, share: float) -> np.ndarray:
+def watch(
+    rng: np.random.Generator, n: int, after_delta: float, kind: str, rule: SequentialTest, share: float
+) -> np.ndarray:
     """After promotion: the promoted adapter (challenger) against its predecessor (share of traffic), fresh window;
     returns the rewards of the promoted adapter until rolled back (max_rewards: not rolled back)."""
     verdict, at = sequential(rng, n, after_delta, kind, rule, 1 - share)
@@ -169,8 +168,14 @@ def _summary(verdict: np.ndarray, at: np.ndarray, seconds: float) -> Outcome:
     )
 
 
-def run(canaries: int, seed: int, rule: Rule, share: float = 0.1, kinds: tuple[str, ...] = ("bernoulli", "beta"),
-        current: bool = True) -> dict[tuple[str, str, str], Any]:  # fmt: skip
+def run(
+    canaries: int,
+    seed: int,
+    rule: SequentialTest,
+    share: float = 0.1,
+    kinds: tuple[str, ...] = ("bernoulli", "beta"),
+    current: bool = True,
+) -> dict[tuple[str, str, str], Any]:
     """Every case for both rules; keys (rule, kind, case)."""
     out: dict[tuple[str, str, str], Any] = {}
     for kind in kinds:
@@ -216,7 +221,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--share", type=float, default=0.1, help="the canary's share of traffic")
     args = ap.parse_args()
-    rule = Rule()
+    rule = SequentialTest()  # the gateway's defaults; evaluated here vectorised across canaries
     t0 = time.perf_counter()
     results = run(args.canaries, args.seed, rule, args.share)
     print(f"{args.canaries} canaries per case, canary share {args.share}, seed {args.seed}; sequential rule: "

@@ -61,7 +61,7 @@ def test_nothing_is_decided_before_both_sides_have_the_minimum() -> None:
 
 def test_the_simulation_agrees_with_the_test_object_reward_by_reward() -> None:
     # the vectorised simulation decides exactly where SequentialTest would, on the same rewards
-    rule = canary.Rule(min_rewards=10, max_rewards=3000)
+    rule = SequentialTest(min_rewards=10, max_rewards=3000)
     rng = np.random.default_rng(11)
     v1, a1 = canary.sequential(rng, 1, 0.15, "bernoulli", rule, share=0.5, block=100_000)
     rng = np.random.default_rng(11)
@@ -81,7 +81,7 @@ def test_the_simulation_agrees_with_the_test_object_reward_by_reward() -> None:
 def test_error_rates_and_power_by_simulation(kind: str) -> None:
     """300 canaries per case (the bench runs 1,000): equal quality promoted at most at alpha (5%); +0.05 promoted
     and -0.05 rolled back in at least 80% within the cap; a regression after promotion rolled back."""
-    rule = canary.Rule(max_rewards=6000)
+    rule = SequentialTest(max_rewards=6000)
     rng = np.random.default_rng([1, len(kind)])
     v, _ = canary.sequential(rng, 300, 0.0, kind, rule, share=0.1)
     assert (v == 1).mean() <= 0.05
