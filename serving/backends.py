@@ -51,6 +51,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = "stop"
+    tool_calls: list[dict[str, Any]] | None = None  # an upstream's tool calls (its first choice's)
 
 
 class _Refs:
@@ -486,7 +487,9 @@ def build_backend(settings: Any) -> Backend:
     base = default_base_model(settings)
     if cfg.backend == "openai":
         if not cfg.upstream_url:
-            raise ConfigError("TAOFLOW_SERVE_BACKEND=openai needs TAOFLOW_SERVE_UPSTREAM_URL (e.g. http://host:8000/v1)")
+            raise ConfigError(
+                "TAOFLOW_SERVE_BACKEND=openai needs TAOFLOW_SERVE_UPSTREAM_URL (e.g. http://host:8000/v1)"
+            )
         key = cfg.upstream_api_key.get_secret_value() if cfg.upstream_api_key else None
         model = cfg.upstream_model or base
         return OpenAIBackend(model, cfg.upstream_url, api_key=key, model=model, timeout_s=cfg.upstream_timeout_s)

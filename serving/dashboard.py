@@ -125,8 +125,11 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
         # the sequential test's evidence: n per side, means, difference and its always-valid interval
         "release_decisions": [
             _flatten_metrics(d)
-            for d in _rows(settings, "SELECT adapter, action, ts, reason, metrics FROM adapters WHERE action IN "
-                           "('promoted', 'rolled_back') ORDER BY ts")
+            for d in _rows(
+                settings,
+                "SELECT adapter, action, ts, reason, metrics FROM adapters WHERE action IN "
+                "('promoted', 'rolled_back') ORDER BY ts",
+            )
         ],
         "rounds": rounds,
         "leaderboard": _rows(settings, "SELECT * FROM operator_leaderboard"),

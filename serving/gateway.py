@@ -8,6 +8,9 @@ Task type comes from the `X-Taoflow-Task-Type` header or `metadata.task_type`; a
 with `X-Taoflow-Operator` / `metadata.operator`, an adapter by asking for it as the model: such requests are
 served, and captured with `forced=True` so they never steer the utilities. Every response carries its
 interaction id (`X-Taoflow-Interaction-Id` header and `interaction_id` in the body) for `/v1/feedback`.
+A multi-step task names its session (`X-Taoflow-Session` header or `metadata.session_id`; its step with
+`X-Taoflow-Step` / `metadata.step`, else the gateway counts): every step is served by the operator its first step
+got (`serving.sessions`), and `/v1/feedback` with a `session_id` scores the session as a whole.
 Capture goes through the SDK's Emitter, which never blocks the response.
 
 Trust: every interaction and feedback carries its caller (a hash of the API key; None for admin keys and the
@@ -27,6 +30,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -48,6 +52,7 @@ from serving.backends import Backend, Generation, GenRequest
 from serving.exceptions import BadRequest, RateLimited, ServingError
 from serving.guard import PRINCIPAL, Guard
 from serving.router import BASE, Decision, Operator, Router
+from serving.sessions import Sessions
 from serving.upstream import Tally, UpstreamError, reply_text
 from taoflow.settings import Settings
 
@@ -56,6 +61,10 @@ log = logging.getLogger(__name__)
 TASK_HEADER = "x-taoflow-task-type"
 OPERATOR_HEADER = "x-taoflow-operator"
 AGENT_HEADER = "x-taoflow-agent"
+SESSION_HEADER = "x-taoflow-session"
+STEP_HEADER = "x-taoflow-step"
+SESSION_ID = re.compile(r"[A-Za-z0-9._:/@-]{1,256}")
+MAX_STEP = 1_000_000
 ID_HEADER = "X-Taoflow-Interaction-Id"
 # task types and agent ids become DuckDB values and metric labels: a plain charset, bounded length
 LABEL = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
@@ -114,7 +123,8 @@ class CompletionRequest(_SamplingRequest):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    interaction_id: str = Field(min_length=1)
+    interaction_id: str | None = Field(default=None, min_length=1)
+    session_id: str | None = Field(default=None, min_length=1)  # feedback on a whole multi-step session
     kind: str
     value: float
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -192,6 +202,34 @@ class _Metrics:
         )
 
 
+@dataclass
+class Call:
+    """One request as the gateway handles it: who asked, how it was routed, and what its capture records."""
+
+    iid: str
+    req: Any  # the parsed ChatRequest or CompletionRequest
+    chat: bool
+    task_type: str
+    op: Operator
+    forced: bool  # the client chose the operator or adapter: captured, never in utilities
+    principal: Principal
+    agent: str | None  # the X-Taoflow-Agent header, as sent
+    prompt: Any  # as the client sent it: the messages (tool calls and results included) or the text
+    session_id: str | None = None
+    step: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return "chat" if self.chat else "completions"
+
+    def headers(self) -> dict[str, str]:
+        out = {ID_HEADER: self.iid, "X-Taoflow-Operator": self.op.name, "X-Taoflow-Adapter": self.op.adapter or "base",
+               "X-Taoflow-Task-Type": self.task_type}  # fmt: skip
+        if self.session_id is not None:
+            out.update({"X-Taoflow-Session": self.session_id, "X-Taoflow-Step": str(self.step)})
+        return out
+
+
 class Gateway:
     """The gateway's state: backend, router, emitter, Kafka feeds; `app()` builds the FastAPI app."""
 
@@ -220,6 +258,7 @@ class Gateway:
         # the last requests' routed and served adapters (bounded: it is filled on every request)
         self.audit: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
         self.decisions: dict[str, Decision] = {}  # the latest release decision per adapter, with its evidence
+        self.sessions = Sessions(self.cfg.session_ttl_s, self.cfg.max_sessions)  # sticky operators of sessions
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -477,59 +516,87 @@ class Gateway:
         text = spec.template.replace("{prompt}", prompt or "") if spec.template else prompt or ""
         return f"{spec.system_prompt}\n\n{text}" if spec.system_prompt else text
 
-    def capture(
-        self,
-        *,
-        iid: str,
-        task_type: str,
-        op: Operator,
-        prompt: Any,
-        gen: Generation,
-        latency_ms: float,
-        agent: str | None,
-        model: str,
-        endpoint: str,
-        stream: bool,
-        metadata: dict[str, Any] | None,
-        served: str | None,
-        principal: Principal = OPEN,
-        forced: bool = False,
-    ) -> None:
+    def capture(self, call: Call, gen: Generation, latency_ms: float, *, stream: bool, served: str | None) -> None:
         """Record a finished request: the audit of routed vs served adapter, and its InteractionEvent."""
-        self.audit.append({"iid": iid, "routed": op.adapter, "served": served, "text": gen.text})
-        drop = {"task_type", "operator"} if principal.trusted else self.reserved
-        meta = {k: v for k, v in (metadata or {}).items() if k not in drop}
+        op, principal, agent = call.op, call.principal, call.agent
+        self.audit.append({"iid": call.iid, "routed": op.adapter, "served": served, "text": gen.text})
+        drop = ({"task_type", "operator"} if principal.trusted else self.reserved) | {"session_id", "step"}
+        meta = {k: v for k, v in (call.req.metadata or {}).items() if k not in drop}
         if agent is not None and not principal.trusted:
             meta["client_agent"] = agent  # what the client said, kept apart from the agent id it cannot vouch for
             agent = None
         meta.update(
-            model=model,
-            endpoint=endpoint,
+            model=call.req.model,
+            endpoint=call.endpoint,
             stream=stream,
             prompt_tokens=gen.prompt_tokens,
             completion_tokens=gen.completion_tokens,
-            finish_reason=gen.finish_reason,
         )
+        extra = call.req.model_extra or {}
         try:
             data = {
-                "event_id": iid,
+                "event_id": call.iid,
                 "agent_id": agent or self.cfg.agent_id,
-                "task_type": task_type,
+                "task_type": call.task_type,
                 "operator": op.name,
-                "prompt": prompt,
+                "prompt": call.prompt,
                 "response": gen.text,
                 "adapter": op.adapter,
                 "latency_ms": latency_ms,
                 "metadata": meta,
                 "caller": principal.caller,
-                "forced": forced,
+                "forced": call.forced,
+                "tools": extra.get("tools"),
+                "tool_calls": gen.tool_calls,
+                "response_format": extra.get("response_format"),
+                "finish_reason": gen.finish_reason,
+                "session_id": call.session_id,
+                "step": call.step,
             }
             self.emitter.emit(InteractionEvent.model_validate(data, context=self._ctx))
         except Exception:
             self.metrics.capture_errors.inc()
-            log.exception("interaction %s not captured", iid)
+            log.exception("interaction %s not captured", call.iid)
         self.metrics.tokens.labels("prompt").inc(gen.prompt_tokens)
         self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+
+
+def _captured_message(m: _Message) -> dict[str, Any]:
+    """A client message as capture keeps it: role, text, and the tool call fields of tool-using turns."""
+    out: dict[str, Any] = {"role": m.role, "content": _text(m.content) if m.content is not None else None}
+    if m.name:
+        out["name"] = m.name
+    extra = m.model_extra or {}
+    for key in ("tool_call_id", "tool_calls"):
+        if extra.get(key) is not None:
+            out[key] = extra[key]
+    if out["content"] is None and "tool_calls" not in out:
+        out["content"] = ""
+    return out
+
+
+def _session(request: Request, meta: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The session id and step a request names (header first, then metadata), checked."""
+    sid = request.headers.get(SESSION_HEADER) or meta.get("session_id")
+    raw_step = request.headers.get(STEP_HEADER) if request.headers.get(STEP_HEADER) is not None else meta.get("step")
+    if sid is None:
+        if raw_step is not None:
+            raise BadRequest("a step needs a session: send X-Taoflow-Session (or metadata.session_id)",
+                             code="invalid_session")  # fmt: skip
+        return None, None
+    sid = str(sid)
+    if not SESSION_ID.fullmatch(sid):
+        raise BadRequest(f"session id {sid[:80]!r} is not allowed: use 1 to 256 of letters, digits and . _ : / @ -",
+                         code="invalid_session")  # fmt: skip
+    if raw_step is None:
+        return sid, None
+    try:
+        step = int(str(raw_step))
+    except ValueError:
+        step = -1
+    if not 0 <= step <= MAX_STEP:
+        raise BadRequest(f"step {str(raw_step)[:20]!r} is not an integer from 0 to {MAX_STEP}", code="invalid_session")
+    return sid, step
 
 
 def build_app(gateway: Gateway) -> Any:
@@ -612,10 +679,12 @@ def build_app(gateway: Gateway) -> Any:
             }
         )
 
-    def route(request: Request, req: Any) -> tuple[str, Operator, bool]:
-        """(task type, operator, forced): forced when the client chose the operator or the adapter itself."""
+    def route(request: Request, req: Any, principal: Principal, chat: bool) -> Call:
+        """The request's task type, operator (forced when the client chose the operator or the adapter itself;
+        a session's first operator for its later steps) and session, as a Call."""
         meta = req.metadata or {}
         task_type = _label(request.headers.get(TASK_HEADER) or str(meta.get("task_type") or "default"), "task type")
+        session_id, step = _session(request, meta)
         forced_op = request.headers.get(OPERATOR_HEADER) or meta.get("operator")
         if forced_op is not None:
             forced_op = str(forced_op)
@@ -623,15 +692,40 @@ def build_app(gateway: Gateway) -> Any:
             if target and target != BASE and target not in gw.backend.adapters:
                 raise BadRequest(f"adapter {target[:80]!r} is not loaded", status=404, code="model_not_found")
         routed, adapter = gw.resolve_model(req.model)
-        op = gw.router.choose(task_type, operator=forced_op, adapter=None if routed else adapter)
+        op = None
+        if session_id is not None and forced_op is None and routed:
+            op = sticky(principal, session_id, task_type)
+        if op is None:
+            op = gw.router.choose(task_type, operator=forced_op, adapter=None if routed else adapter)
+        if session_id is not None:
+            step = gw.sessions.record(principal.caller, session_id, task_type, op.name, step)
         label = task_type if task_type in gw.task_labels else OTHER
         gw.metrics.operator.labels(label, op.name).inc()
-        return task_type, op, forced_op is not None or not routed
+        agent = request.headers.get(AGENT_HEADER)
+        if agent is not None:
+            _label(agent, "agent id")
+        prompt = [_captured_message(m) for m in req.messages] if chat else req.prompt
+        return Call(iid=str(uuid.uuid4()), req=req, chat=chat, task_type=task_type, op=op,
+                    forced=forced_op is not None or not routed, principal=principal, agent=agent, prompt=prompt,
+                    session_id=session_id, step=step)  # fmt: skip
+
+    def sticky(principal: Principal, session_id: str, task_type: str) -> Operator | None:
+        """The operator of the session's earlier steps, while its strategy is configured and its adapter loaded."""
+        known = gw.sessions.get(principal.caller, session_id)
+        if known is None or known.task_type != task_type:
+            return None
+        target = known.operator.partition("@")[2]
+        if target and target != BASE and target not in gw.backend.adapters:
+            return None  # rolled back or unloaded since: the session is routed afresh
+        try:
+            return gw.router.choose(task_type, operator=known.operator)
+        except BadRequest:
+            return None  # its strategy is no longer configured
 
     async def serve(request: Request, req: Any, endpoint: str) -> Any:
-        principal = gw.principal(request)
-        task_type, op, forced = route(request, req)
         chat = endpoint == "chat"
+        call = route(request, req, gw.principal(request), chat)
+        op = call.op
         messages = (
             [
                 {"role": m.role, "content": _text(m.content), **({"name": m.name} if m.name else {})}
@@ -655,53 +749,26 @@ def build_app(gateway: Gateway) -> Any:
             stop=stop,
             seed=req.seed,
         )
-        iid = str(uuid.uuid4())
-        agent = request.headers.get(AGENT_HEADER)
-        if agent is not None:
-            _label(agent, "agent id")
-        original = messages if chat else req.prompt
-        headers = {
-            ID_HEADER: iid,
-            "X-Taoflow-Operator": op.name,
-            "X-Taoflow-Adapter": op.adapter or "base",
-            "X-Taoflow-Task-Type": task_type,
-        }
         created = int(time.time())
-        extra = {"interaction_id": iid, "taoflow": {"operator": op.name, "adapter": op.adapter, "task_type": task_type}}
+        extra: dict[str, Any] = {
+            "interaction_id": call.iid,
+            "taoflow": {"operator": op.name, "adapter": op.adapter, "task_type": call.task_type},
+        }
+        if call.session_id is not None:
+            extra["taoflow"].update(session_id=call.session_id, step=call.step)
         if gw.backend.upstream:
-            relayed = relay_body(req, op, chat, max_tokens)
-            return await relay(relayed, op, iid, req, chat, extra, original, task_type, agent, principal, forced,
-                               headers)  # fmt: skip
+            return await relay(relay_body(req, op, chat, max_tokens), call, extra)
         _unsupported_locally(req)
         gw.backend.acquire(op.adapter)
         t0 = time.perf_counter()
         if req.stream:
-            return StreamingResponse(
-                stream(gen_req, op, iid, created, req, chat, extra, original, task_type, agent, t0, principal, forced),
-                media_type="text/event-stream",
-                headers=headers,
-            )
+            return StreamingResponse(stream(gen_req, call, created, extra, t0), media_type="text/event-stream",
+                                     headers=call.headers())  # fmt: skip
         try:
             gen = await gw.backend.generate(gen_req)
         finally:
             await gw.backend.release(op.adapter)
-        latency = (time.perf_counter() - t0) * 1000
-        gw.capture(
-            iid=iid,
-            task_type=task_type,
-            op=op,
-            prompt=original,
-            gen=gen,
-            latency_ms=latency,
-            agent=agent,
-            model=req.model,
-            endpoint=endpoint,
-            stream=False,
-            metadata=req.metadata,
-            served=gen_req.served,
-            principal=principal,
-            forced=forced,
-        )
+        gw.capture(call, gen, (time.perf_counter() - t0) * 1000, stream=False, served=gen_req.served)
         usage = {
             "prompt_tokens": gen.prompt_tokens,
             "completion_tokens": gen.completion_tokens,
@@ -709,7 +776,7 @@ def build_app(gateway: Gateway) -> Any:
         }
         if chat:
             body = {
-                "id": f"chatcmpl-{iid}",
+                "id": f"chatcmpl-{call.iid}",
                 "object": "chat.completion",
                 "created": created,
                 "model": req.model,
@@ -726,7 +793,7 @@ def build_app(gateway: Gateway) -> Any:
             }
         else:
             body = {
-                "id": f"cmpl-{iid}",
+                "id": f"cmpl-{call.iid}",
                 "object": "text_completion",
                 "created": created,
                 "model": req.model,
@@ -734,25 +801,14 @@ def build_app(gateway: Gateway) -> Any:
                 "usage": usage,
                 **extra,
             }
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(body, headers=call.headers())
 
     async def stream(
-        gen_req: GenRequest,
-        op: Operator,
-        iid: str,
-        created: int,
-        req: Any,
-        chat: bool,
-        extra: dict[str, Any],
-        original: Any,
-        task_type: str,
-        agent: str | None,
-        t0: float,
-        principal: Principal,
-        forced: bool,
+        gen_req: GenRequest, call: Call, created: int, extra: dict[str, Any], t0: float
     ) -> AsyncIterator[bytes]:
+        chat, req = call.chat, call.req
         obj = "chat.completion.chunk" if chat else "text_completion"
-        cid = f"chatcmpl-{iid}" if chat else f"cmpl-{iid}"
+        cid = f"chatcmpl-{call.iid}" if chat else f"cmpl-{call.iid}"
 
         def chunk(delta: str | None, finish: str | None = None, role: bool = False) -> bytes:
             if chat:
@@ -780,26 +836,11 @@ def build_app(gateway: Gateway) -> Any:
             yield b"data: " + orjson.dumps(err) + b"\n\n"
             return
         finally:
-            await gw.backend.release(op.adapter)
+            await gw.backend.release(call.op.adapter)
         tok = getattr(gw.backend, "tokenizer", None)
         n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else 0
         gen = Generation(text, gen_req.prompt_tokens, n_completion, finish)
-        gw.capture(
-            iid=iid,
-            task_type=task_type,
-            op=op,
-            prompt=original,
-            gen=gen,
-            latency_ms=(time.perf_counter() - t0) * 1000,
-            agent=agent,
-            model=req.model,
-            endpoint="chat" if chat else "completions",
-            stream=True,
-            metadata=req.metadata,
-            served=gen_req.served,
-            principal=principal,
-            forced=forced,
-        )
+        gw.capture(call, gen, (time.perf_counter() - t0) * 1000, stream=True, served=gen_req.served)
 
     def relay_body(req: Any, op: Operator, chat: bool, max_tokens: int) -> dict[str, Any]:
         """The client's body for the upstream: every field it sent, except what routing changes (the model, the
@@ -816,31 +857,16 @@ def build_app(gateway: Gateway) -> Any:
             body[key] = max_tokens
         return body
 
-    async def relay(
-        body: dict[str, Any],
-        op: Operator,
-        iid: str,
-        req: Any,
-        chat: bool,
-        extra: dict[str, Any],
-        original: Any,
-        task_type: str,
-        agent: str | None,
-        principal: Principal,
-        forced: bool,
-        headers: dict[str, str],
-    ) -> Any:
+    async def relay(body: dict[str, Any], call: Call, extra: dict[str, Any]) -> Any:
         """Serve through an OpenAI-compatible upstream: its reply (or stream) comes back whole, with the
         gateway's interaction id and routing fields added, and is captured once it is complete."""
         backend: Any = gw.backend
-        path = "/chat/completions" if chat else "/completions"
-        endpoint = "chat" if chat else "completions"
+        op, req = call.op, call.req
+        path = "/chat/completions" if call.chat else "/completions"
+        headers = call.headers()
 
         def record(gen: Generation, t0: float) -> None:
-            gw.capture(iid=iid, task_type=task_type, op=op, prompt=original, gen=gen,
-                       latency_ms=(time.perf_counter() - t0) * 1000, agent=agent, model=req.model, endpoint=endpoint,
-                       stream=bool(req.stream), metadata=req.metadata, served=op.adapter, principal=principal,
-                       forced=forced)  # fmt: skip
+            gw.capture(call, gen, (time.perf_counter() - t0) * 1000, stream=bool(req.stream), served=op.adapter)
 
         backend.acquire(op.adapter)
         t0 = time.perf_counter()
@@ -852,8 +878,9 @@ def build_app(gateway: Gateway) -> Any:
             choice = data["choices"][0] if isinstance(data["choices"][0], dict) else {}
             usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
             finish = choice.get("finish_reason") or "stop"
+            calls = (choice.get("message") or {}).get("tool_calls") or None
             gen = Generation(reply_text(choice), int(usage.get("prompt_tokens") or 0),
-                             int(usage.get("completion_tokens") or 0), finish)  # fmt: skip
+                             int(usage.get("completion_tokens") or 0), finish, calls)  # fmt: skip
             record(gen, t0)
             data["model"] = req.model
             data.update(extra)
@@ -882,15 +909,16 @@ def build_app(gateway: Gateway) -> Any:
                     doc.update(extra)
                     yield b"data: " + orjson.dumps(doc) + b"\n\n"
                 usage = tally.usage
+                calls = [tally.calls[i] for i in sorted(tally.calls)] or None
                 gen = Generation(tally.response(), int(usage.get("prompt_tokens") or 0),
-                                 int(usage.get("completion_tokens") or 0), tally.finish or "stop")  # fmt: skip
+                                 int(usage.get("completion_tokens") or 0), tally.finish or "stop", calls)  # fmt: skip
                 record(gen, t0)  # before [DONE]: a client that saw the end may look for the interaction at once
                 yield b"data: [DONE]\n\n"
             except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
                 failed = (backend.api.failure(exc) if isinstance(exc, httpx.HTTPError) else
                           UpstreamError(f"the upstream sent a malformed stream chunk: {exc}", status=502,
                                         code="upstream_error"))  # fmt: skip
-                log.warning("interaction %s: upstream stream cut: %s", iid, failed)
+                log.warning("interaction %s: upstream stream cut: %s", call.iid, failed)
                 yield b"data: " + orjson.dumps({"error": failed.error}) + b"\n\n"
                 return
             finally:
@@ -910,17 +938,19 @@ def build_app(gateway: Gateway) -> Any:
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> JSONResponse:
         fb = await body_of(request, FeedbackRequest)
-        data = {"interaction_id": fb.interaction_id, "kind": fb.kind, "value": fb.value, "metadata": fb.metadata,
-                # the stream scores it only for interactions the same caller captured (None: admin, trusted)
+        if fb.session_id is not None and not SESSION_ID.fullmatch(fb.session_id):
+            raise BadRequest(f"session id {fb.session_id[:80]!r} is not allowed", code="invalid_feedback")
+        data = {"interaction_id": fb.interaction_id, "session_id": fb.session_id, "kind": fb.kind, "value": fb.value,
+                "metadata": fb.metadata,
+                # the stream scores it only for interactions (sessions) the same caller captured (None: trusted)
                 "caller": gw.principal(request).caller}  # fmt: skip
         try:
             event = FeedbackEvent.model_validate(data, context=gw._ctx)
         except ValidationError as exc:
             raise BadRequest(format_errors(FeedbackEvent, exc), code="invalid_feedback") from None
         eid = gw.emitter.emit(event)
-        return JSONResponse(
-            {"event_id": eid, "interaction_id": fb.interaction_id, "status": "accepted"}, status_code=202
-        )
+        target = {"interaction_id": fb.interaction_id} if fb.session_id is None else {"session_id": fb.session_id}
+        return JSONResponse({"event_id": eid, **target, "status": "accepted"}, status_code=202)
 
     @app.get("/admin/state")
     async def admin_state(request: Request) -> JSONResponse:

@@ -371,6 +371,10 @@ class ServeSettings(_Component):
         description="per task type; 'default' serves task types not listed",
     )
     canary_fraction: float = Field(default=0.1, ge=0, le=1, description="least share of traffic a canary gets")
+    session_ttl_s: float = Field(
+        default=3600.0, gt=0, description="how long a multi-step session keeps its operator after its last step"
+    )
+    max_sessions: int = Field(default=100_000, ge=1, description="sessions whose operator a gateway keeps (LRU)")
     # release decisions: a sequential test on canary vs incumbent rewards (serving/release.py, bench/canary.py)
     release_alpha: float = Field(
         default=0.05, gt=0, lt=1, description="error rate of each release decision (promote a no-better canary, ...)"

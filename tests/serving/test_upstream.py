@@ -127,7 +127,9 @@ class Captured:
 
 
 def upstream_settings(tmp: Path, url: str) -> Settings:
-    operators = {"support": [{"name": "kind", "system_prompt": "Be kind."}], "default": [{"name": "plain"}]}
+    operators = {"support": [{"name": "kind", "system_prompt": "Be kind."}], "default": [{"name": "plain"}],
+                 "mix": [{"name": "terse", "system_prompt": "Be terse."}, {"name": "verbose",
+                                                                          "system_prompt": "Be verbose."}]}  # fmt: skip
     serve = {"backend": "openai", "upstream_url": url, "upstream_api_key": UPSTREAM_KEY, "upstream_model": "up-model",
              "upstream_timeout_s": TIMEOUT_S, "api_keys": [KEY], "max_tokens": 64, "operators": operators}  # fmt: skip
     return Settings(overrides={"core": {"data_dir": tmp}, "kafka": {"bootstrap": "127.0.0.1:9"}, "serve": serve})
@@ -188,12 +190,21 @@ def test_tool_calling_round_trip_relays_every_field_and_returns_the_tool_calls(
     relayed = FakeUpstream.bodies[-1]["messages"]
     assert relayed[-2]["tool_calls"][0]["id"] == "call_1" and relayed[-1]["tool_call_id"] == "call_1"
 
-    events = cap.events[before:]
+    events: list[Any] = cap.events[before:]
     assert len(events) == 2
-    calls = json.loads(events[0].response)  # type: ignore[attr-defined]
+    calls = json.loads(events[0].response)
     assert calls[0]["function"]["name"] == "weather"
-    assert events[0].metadata["finish_reason"] == "tool_calls"  # type: ignore[attr-defined]
-    assert events[1].response == "It is sunny (22 C)."  # type: ignore[attr-defined]
+    # what a learner needs of a tool-using call: the tools offered, the calls made, the finish reason
+    assert events[0].tools == TOOLS and events[0].tool_calls == [CALL] and events[0].finish_reason == "tool_calls"
+    assert events[1].response == "It is sunny (22 C)." and events[1].finish_reason == "stop"
+    assert events[1].tool_calls is None
+    # the second step's prompt keeps the tool-using turns: the assistant's call and the tool's result
+    turns = [m.model_dump(exclude_none=True) for m in events[1].prompt]
+    assert turns[1]["tool_calls"][0]["id"] == "call_1" and turns[2] == {
+        "role": "tool",
+        "content": "22 C",
+        "tool_call_id": "call_1",
+    }
 
 
 def test_stream_passes_tool_call_deltas_usage_and_the_real_finish_reason(gw: tuple[openai.OpenAI, Captured]) -> None:
@@ -214,16 +225,18 @@ def test_stream_passes_tool_call_deltas_usage_and_the_real_finish_reason(gw: tup
     events = cap.events[before:]
     assert len(events) == 1, "one stream, one interaction"
     ev: Any = events[0]
-    assert json.loads(ev.response) == [CALL] and ev.metadata["finish_reason"] == "tool_calls"
+    assert json.loads(ev.response) == [CALL] and ev.finish_reason == "tool_calls" and ev.tool_calls == [CALL]
     assert ev.metadata["completion_tokens"] == 7 and ev.metadata["stream"] is True
 
 
 def test_response_format_n_and_logprobs_come_back_whole(gw: tuple[openai.OpenAI, Captured]) -> None:
-    client, _ = gw
+    client, cap = gw
     msg = [{"role": "user", "content": "Answer in JSON"}]
     js = client.chat.completions.create(model="taoflow", messages=msg, response_format={"type": "json_object"})
     assert json.loads(js.choices[0].message.content or "") == {"answer": 42}
     assert FakeUpstream.bodies[-1]["response_format"] == {"type": "json_object"}
+    ev: Any = cap.events[-1]
+    assert ev.response_format == {"type": "json_object"} and ev.tools is None and ev.finish_reason == "stop"
 
     many = client.chat.completions.create(model="taoflow", messages=[{"role": "user", "content": "hi"}], n=2,
                                           logprobs=True, top_logprobs=2)  # fmt: skip
@@ -279,3 +292,53 @@ def test_unreachable_upstream_is_a_503_with_the_setting_to_check(tmp_path: Path)
         assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
         assert "TAOFLOW_SERVE_UPSTREAM_URL" in r.json()["error"]["message"]
         assert httpx.get(f"{url.removesuffix('/v1')}/healthz").status_code == 503
+
+
+def test_a_session_keeps_its_operator_across_steps_and_takes_session_feedback(
+    gw: tuple[openai.OpenAI, Captured], upstream: str
+) -> None:
+    """Three steps of one session through the official client: the operator of the first step serves them all
+    (sticky, although routing is random per request), steps are numbered, and feedback may name the session."""
+    client, cap = gw
+    before = len(cap.events)
+    chosen = set()
+    for _ in range(20):  # without a session each request is routed afresh: both operators come up (1 - 2^-19)
+        r = client.chat.completions.with_raw_response.create(
+            model="taoflow", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Taoflow-Task-Type": "mix"}
+        )
+        chosen.add(r.headers["x-taoflow-operator"])
+    assert chosen == {"terse@base", "verbose@base"}
+    ops, steps = [], []
+    for n in range(8):  # in a session they all get the first step's (by chance alone: 2^-7)
+        r = client.chat.completions.with_raw_response.create(
+            model="taoflow", messages=[{"role": "user", "content": f"step {n}"}],
+            extra_headers={"X-Taoflow-Task-Type": "mix", "X-Taoflow-Session": "ticket-42"},
+        )  # fmt: skip
+        ops.append(r.headers["x-taoflow-operator"])
+        steps.append(r.headers["x-taoflow-step"])
+    assert len(set(ops)) == 1 and steps == [str(n) for n in range(8)]
+    # the step may also come from the client, through metadata
+    r = client.chat.completions.with_raw_response.create(
+        model="taoflow", messages=[{"role": "user", "content": "last"}],
+        metadata={"session_id": "ticket-42", "step": "7", "task_type": "mix"},  # the client's own numbering
+    )  # fmt: skip
+    assert r.headers["x-taoflow-operator"] == ops[0] and r.headers["x-taoflow-step"] == "7"
+    session = [e for e in cap.events[before:] if getattr(e, "session_id", None) == "ticket-42"]
+    assert [(e.step, e.operator) for e in session] == [(n, ops[0]) for n in (*range(8), 7)]  # type: ignore[attr-defined]
+    assert all("session_id" not in e.metadata for e in session)  # type: ignore[attr-defined]
+
+    http = httpx.Client(base_url=str(client.base_url), headers={"Authorization": f"Bearer {KEY}"})
+    ok = http.post("/feedback", json={"session_id": "ticket-42", "kind": "task_success", "value": 1.0})
+    assert ok.status_code == 202 and ok.json()["session_id"] == "ticket-42"
+    fb: Any = cap.events[-1]
+    assert (fb.session_id, fb.interaction_id, fb.kind) == ("ticket-42", None, "task_success") and fb.caller
+    both = http.post("/feedback", json={"session_id": "s", "interaction_id": "i", "kind": "thumbs", "value": 1.0})
+    neither = http.post("/feedback", json={"kind": "thumbs", "value": 1.0})
+    assert both.status_code == neither.status_code == 400 and "exactly one" in both.json()["error"]["message"]
+    bad = client.chat.completions.with_raw_response
+    with pytest.raises(openai.BadRequestError, match="session id"):
+        bad.create(model="taoflow", messages=[{"role": "user", "content": "x"}],
+                   extra_headers={"X-Taoflow-Session": "no spaces allowed"})  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="step"):
+        bad.create(model="taoflow", messages=[{"role": "user", "content": "x"}],
+                   extra_headers={"X-Taoflow-Session": "s", "X-Taoflow-Step": "-1"})  # fmt: skip

@@ -248,9 +248,11 @@ def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(
             data, "SELECT count(*) FROM lake.utility_history", lambda r: r.rows[0][0] == n, timeout=60, settings=cfg
         )
         # the files themselves, read directly (the SQL endpoint reads nothing but the tables and lake views)
-        raw = duckdb.connect().execute(
-            f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{lake}/interactions/**/*.parquet')"
-        ).fetchone()
+        raw = (
+            duckdb.connect()
+            .execute(f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{lake}/interactions/**/*.parquet')")
+            .fetchone()
+        )
         assert raw == (n, n)
         lake_counts = query("SELECT (SELECT count(*) FROM lake.interactions), (SELECT count(*) FROM lake.scores), "
                             "(SELECT count(DISTINCT task_type) FROM lake.scores)", cfg).rows[0]  # fmt: skip
