@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.base import EventModel, Limits
+from schemas.base import EventModel, Limits, new_event_id
 from schemas.feedback import FeedbackEvent, FeedbackKind
 from schemas.interactions import ChatMessage, InteractionEvent
 from taoflow.broker import reachable
@@ -101,8 +101,17 @@ class Emitter:
         agent_id: str | None = None,
         event_id: str | None = None,
         ts: Any = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        response_format: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
+        session_id: str | None = None,
+        step: int | None = None,
     ) -> str:
-        """Queue an InteractionEvent and return its event id (pass `event_id` to make retries idempotent)."""
+        """Queue an InteractionEvent and return its event id (pass `event_id` to make retries idempotent).
+
+        A tool-using call passes the `tools` offered, the `tool_calls` made, the `response_format` asked for and
+        the `finish_reason`; a step of a multi-step task its `session_id` and `step` (or use `session()`)."""
         data: dict[str, Any] = {
             "agent_id": agent_id or self.agent_id,
             "task_type": task_type,
@@ -113,6 +122,9 @@ class Emitter:
             "latency_ms": latency_ms,
             "metadata": metadata or {},
         }
+        optional = {"tools": tools, "tool_calls": tool_calls, "response_format": response_format,
+                    "finish_reason": finish_reason, "session_id": session_id, "step": step}  # fmt: skip
+        data.update({k: v for k, v in optional.items() if v is not None})
         if event_id is not None:
             data["event_id"] = event_id
         if ts is not None:
@@ -122,16 +134,19 @@ class Emitter:
     def emit_feedback(
         self,
         *,
-        interaction_id: str,
+        interaction_id: str | None = None,
         kind: FeedbackKind,
         value: float,
         metadata: dict[str, Any] | None = None,
         event_id: str | None = None,
         ts: Any = None,
+        session_id: str | None = None,
     ) -> str:
-        """Queue a FeedbackEvent about `interaction_id` (value in [0, 1]) and return its event id."""
+        """Queue a FeedbackEvent about `interaction_id`, or about a whole multi-step session with `session_id`
+        (value in [0, 1]), and return its event id."""
         data: dict[str, Any] = {
             "interaction_id": interaction_id,
+            "session_id": session_id,
             "kind": kind,
             "value": value,
             "metadata": metadata or {},
@@ -141,6 +156,20 @@ class Emitter:
         if ts is not None:
             data["ts"] = ts
         return self.emit(self._validate(FeedbackEvent, data))
+
+    def session(
+        self, session_id: str | None = None, *, task_type: str | None = None, operator: str | None = None
+    ) -> Session:
+        """A multi-step task, as a context manager: every interaction emitted through it carries its session id and
+        the next step (0, 1, ...), and the task type and operator of its first step unless given; `feedback()`
+        scores the session as a whole (the stream joins it to every step and rewards the operator once).
+
+            with emitter.session(task_type="ticket", operator="plan-then-act") as s:
+                s.emit_interaction(prompt=..., response=...)  # step 0
+                s.emit_interaction(prompt=..., response=...)  # step 1
+                s.feedback("task_success", 1.0)
+        """
+        return Session(self, session_id or new_event_id(), task_type=task_type, operator=operator)
 
     def emit(self, event: InteractionEvent | FeedbackEvent) -> str:
         """Queue an already-built event; returns its event id."""
@@ -412,3 +441,41 @@ class Emitter:
             finally:
                 with self._lock:
                     self._inflight -= len(batch)
+
+
+class Session:
+    """One multi-step task of an agent (see `Emitter.session`)."""
+
+    def __init__(self, emitter: Emitter, session_id: str, *, task_type: str | None, operator: str | None) -> None:
+        self.emitter = emitter
+        self.session_id = session_id
+        self.task_type = task_type
+        self.operator = operator
+        self.step = 0  # the next step's number
+        self.closed = False
+
+    def emit_interaction(self, **fields: Any) -> str:
+        """`Emitter.emit_interaction` with the session's id and next step; task type and operator default to the
+        session's (the first step's, when the session was opened without them)."""
+        if self.closed:
+            raise RuntimeError(f"session {self.session_id!r} is closed")
+        fields.setdefault("task_type", self.task_type)
+        fields.setdefault("operator", self.operator)
+        missing = [k for k in ("task_type", "operator") if fields[k] is None]
+        if missing:
+            raise ValueError(f"the session's first step needs {' and '.join(missing)} (or pass them to session())")
+        fields.setdefault("step", self.step)
+        eid = self.emitter.emit_interaction(session_id=self.session_id, **fields)
+        self.task_type, self.operator = self.task_type or fields["task_type"], self.operator or fields["operator"]
+        self.step = max(self.step, int(fields["step"])) + 1
+        return eid
+
+    def feedback(self, kind: FeedbackKind, value: float, **fields: Any) -> str:
+        """Feedback on the session as a whole (its outcome); allowed after the session closed, as outcomes come late."""
+        return self.emitter.emit_feedback(session_id=self.session_id, kind=kind, value=value, **fields)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed = True

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,3 +180,42 @@ def test_spool_cuts_a_torn_tail_and_is_exclusive(tmp_path: Path) -> None:
     spool.ack(head[0], 1)
     assert len(spool) == 0 and spool.head() is None
     spool.close()
+
+
+def test_session_stamps_every_step_and_sends_session_feedback(
+    broker: EmbeddedBroker, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    em = Emitter(make_settings(broker.bootstrap), spool_dir=tmp_path / "spool", agent_id="agent-s")
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    with em.session(task_type="ticket") as s:
+        first = s.emit_interaction(operator="plan", prompt="open the ticket", response="calling lookup",
+                                   tools=tools, finish_reason="tool_calls")  # fmt: skip
+        ids = [first, *(s.emit_interaction(prompt=f"step {n}", response="ok") for n in (1, 2))]
+        early = s.feedback("thumbs", 1.0)
+    late = s.feedback("task_success", 1.0)  # outcomes come after the task: allowed once closed
+    with pytest.raises(RuntimeError, match="closed"):
+        s.emit_interaction(prompt="more", response="no")
+    with pytest.raises(ValueError, match="needs operator"):
+        em.session(task_type="t").emit_interaction(prompt="p", response="r")
+    assert em.flush(timeout=30)
+    em.close()
+    steps = {json.loads(r.value)["event_id"]: json.loads(r.value) for r in _records(broker, INTERACTIONS, ids)
+             if json.loads(r.value).get("session_id") == s.session_id}  # fmt: skip
+    assert [(steps[i]["step"], steps[i]["operator"], steps[i]["task_type"]) for i in ids] == [
+        (0, "plan", "ticket"), (1, "plan", "ticket"), (2, "plan", "ticket")]  # fmt: skip
+    assert steps[first]["tools"] == tools and steps[first]["finish_reason"] == "tool_calls"
+    fb = {json.loads(r.value)["event_id"]: r for r in _records(broker, FEEDBACK, [early, late])}
+    for eid in (early, late):
+        doc = json.loads(fb[eid].value)
+        assert doc["session_id"] == s.session_id and doc["interaction_id"] is None
+        assert fb[eid].key == s.session_id.encode()  # keyed by session, as the stream joins it
+
+
+def _records(broker: EmbeddedBroker, topic: str, ids: list[str], timeout: float = 30.0) -> list[Any]:
+    """The topic's records from its start, read again (expecting more each time) until all of `ids` are in."""
+    deadline, expected = time.monotonic() + timeout, 1
+    while True:
+        records = read_topic(broker.bootstrap, topic, expected, timeout=5)
+        if {json.loads(r.value)["event_id"] for r in records} >= set(ids) or time.monotonic() > deadline:
+            return records
+        expected = len(records) + 1
