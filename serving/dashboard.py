@@ -133,6 +133,7 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
         ],
         "rounds": rounds,
         "leaderboard": _rows(settings, "SELECT * FROM operator_leaderboard"),
+        "sessions": _rows(settings, "SELECT * FROM session_leaderboard"),
         "freshness": _rows(settings, "SELECT * FROM freshness"),
         "dead_letters": _rows(settings, "SELECT * FROM dead_letter_rate"),
         "stream": lander_status(settings),

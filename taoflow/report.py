@@ -106,6 +106,8 @@ def gather(settings: Settings, since: datetime | None = None, task_type: str | N
          "learned": u["n"] - (u.get("imported") or 0), "imported": u.get("imported") or 0}
         for u in _q(settings, f"SELECT * FROM utilities{lb_cond} ORDER BY task_type, operator")
     ]  # fmt: skip
+    # multi-step sessions: the outcome of each operator's whole sessions (`session_leaderboard`)
+    sessions = _q(settings, f"SELECT * FROM session_leaderboard{lb_cond}")
     rounds = _q(
         settings,
         "SELECT * FROM round_history"
@@ -142,6 +144,7 @@ def gather(settings: Settings, since: datetime | None = None, task_type: str | N
         "improvement": series,
         "leaderboard": leaderboard,
         "evidence": evidence,
+        "sessions": sessions,
         "rounds": rounds,
         "adapter_events": events,
         "release_decisions": decisions,
@@ -241,11 +244,26 @@ def render(data: dict[str, Any], console: Any) -> None:
         )
     console.print(lb)
     if any(e["imported"] for e in data.get("evidence", [])):
-        ev = Table("task type", "operator", "utility", "learned here", "imported",
-                   title="Evidence per operator (rewards learned here; pseudo-rewards imported by taoflow knowledge)")
+        ev = Table(
+            "task type",
+            "operator",
+            "utility",
+            "learned here",
+            "imported",
+            title="Evidence per operator (rewards learned here; pseudo-rewards imported by taoflow knowledge)",
+        )
         for e in data["evidence"]:
             ev.add_row(e["task_type"], e["operator"], _f(e["utility"]), str(e["learned"]), str(e["imported"]))
         console.print(ev)
+    if data.get("sessions"):
+        st = Table("task type", "operator", "adapter", "sessions", "steps (mean)", "reward [95% interval]", "duration",
+                   title="Session outcomes per operator (multi-step sessions with session feedback)")  # fmt: skip
+        for row in data["sessions"]:
+            reward = f"{_f(row['mean_reward'])} [{_f(row['ci_low'])}, {_f(row['ci_high'])}]"
+            duration = "-" if row["mean_duration_s"] is None else f"{row['mean_duration_s']:.1f} s"
+            st.add_row(row["task_type"], row["operator"], row["adapter"], str(row["sessions"]),
+                       _f(row["mean_steps"], 1), reward, duration)  # fmt: skip
+        console.print(st)
     rt = Table(title="TAO rounds")
     for col in ("round", "decision", "prompts", "reward before", "after", "gain (lower bound)", "seconds", "adapter"):
         rt.add_column(col)

@@ -159,3 +159,24 @@ def test_feedback_names_exactly_one_target(worker: Worker) -> None:
     worker.send(names.FEEDBACK, both)
     [(error,)] = worker.sql("SELECT error FROM dead_letters")
     assert "exactly one of interaction_id and session_id" in error
+
+
+def test_report_and_dashboard_show_session_outcomes_per_operator(worker: Worker) -> None:
+    from rich.console import Console
+
+    from serving.dashboard import dashboard_data
+    from taoflow import report
+
+    for sid, operator, value in (("a", "plan", 1.0), ("b", "plan", 0.0), ("c", "react", 1.0)):
+        for n in range(2):
+            worker.send(names.INTERACTIONS, step(n, sid=sid, operator=operator))
+        worker.send(names.FEEDBACK, session_fb(f"fb-{sid}", value, sid=sid))
+    worker.con.close()
+    data = report.gather(worker.ctx.settings)
+    rows = {r["operator"]: (r["sessions"], r["mean_steps"], r["mean_reward"]) for r in data["sessions"]}
+    assert rows == {"plan": (2, 2.0, 0.5), "react": (1, 2.0, 1.0)}
+    console = Console(record=True, width=160)
+    report.render(data, console)
+    text = console.export_text()
+    assert "Session outcomes per operator" in text and "0.500 [" in text
+    assert {r["operator"] for r in dashboard_data(worker.ctx.settings)["sessions"]} == {"plan", "react"}
