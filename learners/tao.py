@@ -487,7 +487,8 @@ class Round:
     # -- stages -----------------------------------------------------------------------------------------------
 
     def select(self) -> list[Prompt]:
-        """Distinct prompts (by content hash) from `interactions`, newest first, at most `task_quotas` per task type."""
+        """Distinct prompts (by content hash) from `interactions`, newest first, at most `task_quotas` per task type;
+        of multi-step sessions every step, or each session's first step where `session_prompts` says 'first'."""
         from streams.exceptions import QueryError
         from streams.sqlapi import query
 
@@ -503,11 +504,24 @@ class Round:
         if quotas:
             whens = "".join(f"WHEN {_sql_str(t)} THEN {int(q)} " for t, q in quotas.items())
             quota = f"CASE task_type {whens}ELSE {default_quota} END"
+        modes = dict(self.cfg.session_prompts)
+        default_mode = modes.pop("default", "steps")
+        first_only = {t for t, m in modes.items() if m == "first"}
+        if default_mode == "first" or first_only:
+            # a session's first step is its lowest step number (then the earliest), per caller and session id;
+            # the task types listed with the other mode than the default are the exceptions
+            others = ", ".join(_sql_str(t) for t in sorted(t for t, m in modes.items() if m != default_mode))
+            exception = f"task_type IN ({others})" if default_mode == "first" else f"task_type NOT IN ({others})"
+            where.append(f"(session_id IS NULL OR session_rank = 1 OR {exception if others else 'false'})")
+        source = (
+            "(SELECT *, row_number() OVER (PARTITION BY caller, session_id ORDER BY step NULLS LAST, ts, event_id) "
+            "AS session_rank FROM interactions)"
+        )
         sql = (
             "SELECT prompt_hash, prompt, chat, task_type, meta, CAST(last AS VARCHAR) FROM ("
             "SELECT prompt_hash, arg_max(prompt, ts) AS prompt, bool_or(prompt_is_chat) AS chat, "
             "arg_max(task_type, ts) AS task_type, arg_max(CAST(metadata AS VARCHAR), ts) AS meta, max(ts) AS last "
-            "FROM interactions " + (f"WHERE {' AND '.join(where)} " if where else "") + "GROUP BY prompt_hash) "
+            f"FROM {source} " + (f"WHERE {' AND '.join(where)} " if where else "") + "GROUP BY prompt_hash) "
             f"QUALIFY row_number() OVER (PARTITION BY task_type ORDER BY last DESC, prompt_hash) <= {quota} "
             f"ORDER BY last DESC, prompt_hash LIMIT {self.cfg.max_prompts}"
         )

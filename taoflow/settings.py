@@ -274,6 +274,11 @@ class LearnerSettings(_Component):
     task_quotas: dict[str, int] = Field(
         default_factory=dict, description="most prompts per task type in a round ('default' for unlisted types)"
     )
+    session_prompts: dict[str, Literal["steps", "first"]] = Field(
+        default_factory=dict,
+        description="per task type ('default' for unlisted types): train on every step of multi-step sessions "
+        "('steps', the default) or on each session's first prompt only ('first': the task as the agent got it)",
+    )
     parent_from: Literal["served", "published"] = Field(
         default="served", description="continue from the adapter the gateway serves, or the last one published"
     )

@@ -22,7 +22,7 @@ def land_prompts(settings: Settings, prompts: list[str], task_type: str = "math"
          None, 1.0, "{}", 0, i, None, False)
         for i, p in enumerate(prompts)
     ]  # fmt: skip
-    cols = store.COLUMNS["interactions"]
+    cols = store.COLUMNS["interactions"][: len(values[0])]  # the later, optional columns take their defaults
     store.insert(con, "interactions", {c: [v[i] for v in values] for i, c in enumerate(cols)})
     con.close()
 
@@ -47,7 +47,7 @@ def land_rows(settings: Settings, items: list[tuple[object, str, dict]]) -> None
         digest = hashlib.sha256(text.encode()).hexdigest()
         values.append((str(uuid.uuid4()), now, "test", task, "direct", text, chat, digest, "-", None, 1.0,
                        json.dumps(meta), 0, i, None, False))  # fmt: skip
-    cols = store.COLUMNS["interactions"]
+    cols = store.COLUMNS["interactions"][: len(values[0])]  # the later, optional columns take their defaults
     store.insert(con, "interactions", {c: [v[i] for v in values] for i, c in enumerate(cols)})
     con.close()
 
