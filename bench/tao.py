@@ -1,17 +1,29 @@
-"""Proof that TAO learns, at small scale on CPU: base vs TAO vs labeled SFT, reward vs k, stage times,
-and batched vs one-prompt-at-a-time generation, all in one run.
+"""TAO against labeled fine-tuning on questions no stage saw, over three task types, several seeds, on CPU.
 
-The task is small arithmetic ("What is 12 + 7?") with a verifier that reads the question from the prompt,
-so TAO uses prompts only. The base is a tiny model given a short supervised warm-up on a few labeled
-questions (weak, not random). Then:
-  1. TAO: `rounds` rounds through the real learner (`learners.tao.Round`: select from the outcome table,
-     generate k candidates, score, GRPO on a LoRA, gate on held-out prompts, publish), on unlabeled prompts.
-  2. SFT: a LoRA of the same rank trained on the same prompts with their labels, same optimizer budget.
-  3. Reward vs k: one TAO round per k in (2, 4, 8, 16) from the same base.
-  4. Generation throughput: the same prompts x k samples, batched vs one prompt per generate() call.
-Everything is measured on an evaluation set of questions no stage trained on (greedy decoding).
+Tasks (`learners.tasks`), each with a verifier that reads the question from the prompt and needs no label:
+  arith    "Order 4821: What is 123 + 45?"                  first number of the answer is the sum
+  json     "Order 4821: Record item fig qty 37 as JSON."    the answer's JSON is valid against the schema the
+                                                            prompt asks for (exactly that item and qty)
+  reverse  "Order 4821: Reverse the letters k m x q."       the first line is the letters reversed
+Per seed, the underlying questions (unordered operand pairs, (item, qty), letter strings) are split three ways,
+disjoint: warm-up (labeled), train (landed as unlabeled prompts), eval (never trained on by any arm).
+A small Llama-shaped model with a digit-level tokenizer is built and warmed up on the warm-up questions (weak, not
+random). Then, from that base and on the same train prompts, all task types together in every round:
+  base          the warmed-up model
+  sft           labeled SFT: the same trainer as RFT, on the true answers of the train prompts the gate would
+                leave to training (a held-out share is drawn as a round's gate does), same steps and batch
+  tao-grpo      `rounds` rounds through the real learner (`learners.tao.run_round`: select from the DuckDB
+  tao-rft       outcome table, k candidates, verifiers, update, gate on a fresh held-out draw, publish), mode
+  tao-dpo       grpo / rft / offline; no labels
+Budgets per arm: generated tokens (candidates, plus GRPO's own samples), optimizer steps, wall seconds. The gate
+runs in every round; it is told to publish anyway (margin -1) so the arm measures what training did, and what the
+gate would have decided at its real settings is reported beside it.
+Also per seed: the base model's pass@k on eval questions (unbiased estimator from 64 samples: the ceiling RL can
+reach) and the eval reward of one TAO-RFT round per test-time budget k (no adaptive top-up, so k is the budget).
+Evaluation is greedy on the eval questions. Intervals are 95% paired bootstraps over seeds and questions.
 
-    python bench/tao.py [--rounds 5] [--steps 100] [--k 16] [--seed 0]
+    python bench/tao.py                # the full run (5 seeds)
+    python bench/tao.py --quick        # a smoke run (1 seed, small sizes), a couple of minutes
 """
 
 from __future__ import annotations
@@ -20,6 +32,9 @@ import argparse
 import hashlib
 import json
 import logging
+import math
+import random
+import shutil
 import sys
 import tempfile
 import time
@@ -28,154 +43,329 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from learners import gate  # noqa: E402
 from learners.generation import TransformersGenerator, load_policy, render  # noqa: E402
-from learners.records import RecordSink  # noqa: E402
-from learners.tao import Round, current_adapter, recover, round_lock  # noqa: E402
-from learners.tasks import arithmetic_prompts, arithmetic_reward, make_warm_model, sft_texts, supervised_train  # noqa: E402
+from learners.tao import current_adapter, run_round  # noqa: E402
+from learners.tasks import (  # noqa: E402
+    TASK_TYPES,
+    arithmetic_reward,
+    disjoint_questions,
+    json_record_reward,
+    make_suite_model,
+    reverse_reward,
+    suite_scorers,
+    task_answer,
+    task_prompt,
+)
 from streams import store  # noqa: E402
 from taoflow.settings import Settings  # noqa: E402
 
+VERIFIERS = {"arith": arithmetic_reward, "json": json_record_reward, "reverse": reverse_reward}
+ARMS = ("base", "sft", "tao-grpo", "tao-rft", "tao-dpo")
+MODES = {"tao-grpo": "grpo", "tao-rft": "rft", "tao-dpo": "offline"}
+PASS_KS = (1, 2, 4, 8, 16, 32, 64)
 
-def seed_interactions(settings: Settings, prompts: list[str]) -> None:
-    """Land prompts as if agents had sent them (responses are placeholders: TAO never reads them)."""
+FULL = {"seeds": 5, "warm": 1500, "train": 80, "eval": 100, "warm_steps": 700, "hidden": 128, "layers": 4,
+        "rounds": 2, "steps": 40, "k": 8, "ks": (2, 4, 8, 16, 32, 64), "ks_seeds": 5, "passk_eval": 40}
+QUICK = {"seeds": 1, "warm": 600, "train": 24, "eval": 30, "warm_steps": 150, "hidden": 64, "layers": 2,
+         "rounds": 1, "steps": 4, "k": 4, "ks": (2, 4), "ks_seeds": 1, "passk_eval": 10}  # fmt: skip
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def prompts_of(questions: dict[str, list[tuple[Any, ...]]], seed: int) -> list[tuple[str, str, str]]:
+    """(task type, prompt, labeled answer) per question, each with its own order number."""
+    rng = random.Random(seed)
+    return [(t, task_prompt(t, q, rng.randint(1000, 9999)), task_answer(t, q)) for t, qs in questions.items()
+            for q in qs]  # fmt: skip
+
+
+def land(settings: Settings, items: list[tuple[str, str, str]]) -> None:
+    """The train prompts as `interactions` rows, as the lander writes them (no labels: responses are placeholders)."""
     con = store.connect(settings.core.duckdb_path)
     now = datetime.now(UTC)
     values = [
-        (str(uuid.uuid4()), now, "bench", "math", "direct", p, False, hashlib.sha256(p.encode()).hexdigest(), "-",
+        (str(uuid.uuid4()), now, "bench", task, "direct", p, False, hashlib.sha256(p.encode()).hexdigest(), "-",
          None, 1.0, "{}", 0, i, None, False)
-        for i, p in enumerate(prompts)
+        for i, (task, p, _) in enumerate(items)
     ]  # fmt: skip
-    store.insert(con, "interactions", {c: [v[i] for v in values] for i, c in enumerate(store.COLUMNS["interactions"])})
+    cols = store.COLUMNS["interactions"][: len(values[0])]  # the later, optional columns take their defaults
+    store.insert(con, "interactions", {c: [v[i] for v in values] for i, c in enumerate(cols)})
     con.close()
 
 
-def evaluate(base: str, adapter: Path | None, prompts: list[str]) -> float:
+def verify(items: list[tuple[str, str, str]], completions: list[str]) -> list[float]:
+    out = []
+    for (task, prompt, _), c in zip(items, completions, strict=True):
+        r = VERIFIERS[task]([c], prompts=[prompt])[0]
+        out.append(float(r or 0.0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(base: str, adapter: Path | None, items: list[tuple[str, str, str]], max_new_tokens: int) -> list[float]:
+    """Per eval question, the greedy answer's verified reward."""
     model, tok = load_policy(base, adapter, device="cpu", dtype=None)
     gen = TransformersGenerator(model, tok, batch_size=128)
-    out = gen.generate([render(p, tok) for p in prompts], n=1, temperature=1.0, max_new_tokens=4, greedy=True)
-    rewards = arithmetic_reward([o[0] for o in out], prompts=prompts)
-    return sum(r or 0.0 for r in rewards) / len(rewards)
+    out = gen.generate([render(p, tok) for _, p, _ in items], n=1, temperature=1.0, max_new_tokens=max_new_tokens,
+                       greedy=True)  # fmt: skip
+    return verify(items, [o[0] for o in out])
 
 
-def settings_for(data_dir: Path, base: str, *, k: int, steps: int, seed: int, lr: float) -> Settings:
+def pass_at_k(base: str, items: list[tuple[str, str, str]], n: int, max_new_tokens: int, seed: int) -> dict[str, Any]:
+    """Unbiased pass@k (Chen et al. 2021) from n samples at temperature 1, per question; and tokens generated."""
+    model, tok = load_policy(base, None, device="cpu", dtype=None)
+    gen = TransformersGenerator(model, tok, batch_size=256, seed=seed)
+    out = gen.generate([render(p, tok) for _, p, _ in items], n=n, temperature=1.0, max_new_tokens=max_new_tokens)
+    per_q: dict[int, list[float]] = {k: [] for k in PASS_KS if k <= n}
+    for item, samples in zip(items, out, strict=True):
+        c = int(sum(verify([item] * n, samples)))
+        for k in per_q:
+            per_q[k].append(1.0 - (math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0))
+    return {"per_question": per_q, "tokens": gen.tokens}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arms
+
+
+def learner_settings(data_dir: Path, base: str, cfg: dict[str, Any], *, mode: str, k: int, seed: int,
+                     k_max: int | None = None) -> Settings:  # fmt: skip
     return Settings(overrides={
         "core": {"data_dir": data_dir, "base_model": base},
         "kafka": {"bootstrap": "127.0.0.1:9"},  # nothing listens: the learner writes the DuckDB file itself
-        "learner": {"scorers": [{"type": "arithmetic"}], "k": k, "steps": steps, "max_new_tokens": 4,
-                    "max_prompts": 1000, "learning_rate": lr, "batch_prompts": 8, "temperatures": [1.0],
-                    "heldout_fraction": 0.2, "seed": seed, "lora_r": 16, "lora_alpha": 32},
+        "learner": {"scorers": suite_scorers(), "mode": mode, "k": k, "k_max": k_max, "steps": cfg["steps"],
+                    "max_new_tokens": cfg["max_new_tokens"], "max_prompts": 100_000, "learning_rate": cfg["lr"],
+                    "batch_prompts": cfg["batch_prompts"], "temperatures": [1.0], "heldout_fraction": 0.2,
+                    "seed": seed, "lora_r": 16, "lora_alpha": 32, "parent_from": "published",
+                    "gate_margin": -1.0, "gate_task_margin": 1.0, "generation_batch_size": 256},
     })  # fmt: skip
 
 
-def tao_rounds(data_dir: Path, base: str, prompts: list[str], eval_prompts: list[str], *, rounds: int, k: int,
-               steps: int, seed: int, lr: float, gate: bool = True) -> dict[str, Any]:  # fmt: skip
-    settings = settings_for(data_dir, base, k=k, steps=steps, seed=seed, lr=lr)
-    if not gate:  # measure what training did, whatever the gate would decide
-        settings = Settings(overrides={**settings.overrides,
-                                       "learner": {**settings.overrides["learner"], "gate_margin": -1.0}})  # fmt: skip
-    seed_interactions(settings, prompts)
+def would_publish(metrics: dict[str, float], task_margin: float = 0.05) -> bool:
+    """The gate's verdict at its real settings (margin 0, per-task drop at most 0.05) from the round's numbers."""
+    drops = [v for k, v in metrics.items() if k.startswith("task.") and k.endswith(".gain")]
+    return metrics.get("gain_lcb", 0.0) > 0.0 and all(d >= -task_margin for d in drops)
+
+
+def tao_arm(data_dir: Path, base: str, train: list[tuple[str, str, str]], cfg: dict[str, Any], *, mode: str, k: int,
+            rounds: int, seed: int, k_max: int | None = None, label: str = "") -> dict[str, Any]:  # fmt: skip
+    """`rounds` rounds through the real learner on the landed train prompts; returns the final adapter and budgets."""
+    settings = learner_settings(data_dir, base, cfg, mode=mode, k=k, seed=seed, k_max=k_max)
+    land(settings, train)
+    t0 = time.perf_counter()
+    tokens = steps = 0.0
     history = []
-    timings: dict[str, float] = {}
     for r in range(rounds):
-        with round_lock(settings):
-            sink = RecordSink(settings, prefer_kafka=False)
-            recover(settings, sink)
-            result = Round(settings, sink).run()
-            sink.close()
-        for stage, sec in result.timings.items():
-            timings[stage] = timings.get(stage, 0.0) + sec
-        cur = current_adapter(settings)
-        score = evaluate(base, settings.core.adapters_dir / cur["adapter"] if cur else None, eval_prompts)
-        history.append({"round": r + 1, "status": result.status, "eval": score, **{
-            key: result.metrics.get(key) for key in ("heldout_reward_current", "heldout_reward_new", "gain_lcb",
-                                                     "prompts_informative", "generation_tokens_per_s")}})  # fmt: skip
-        print(f"  k={k} round {r + 1}: {result.status}, eval reward {score:.3f} "
-              f"(gate: {result.metrics.get('heldout_reward_current')} -> {result.metrics.get('heldout_reward_new')})",
-              flush=True)  # fmt: skip
-    return {"history": history, "final": history[-1]["eval"], "timings": timings}
+        res = run_round(settings, prefer_kafka=False)
+        m = res.metrics
+        if res.status == "failed":
+            raise RuntimeError(f"{label} round {r + 1} failed: {res.error}")
+        tokens += m.get("generated_tokens", 0.0) + m.get("train_generated_tokens", 0.0)
+        steps += m.get("train_steps", 0.0) + m.get("rft_train_steps", 0.0)
+        history.append({"status": res.status, "gate_would_publish": would_publish(m), **{
+            key: m.get(key) for key in ("gain", "gain_lcb", "heldout_reward_current", "heldout_reward_new",
+                                        "best_of_k_reward", "candidate_reward_mean", "prompts_informative",
+                                        "prompts_failed_at_k_max", "candidates_extra")}})  # fmt: skip
+        say(f"  {label} round {r + 1}/{rounds}: {res.status}; candidates mean {m.get('candidate_reward_mean')}, "
+            f"best-of-k {m.get('best_of_k_reward')}; gate {m.get('heldout_reward_current')} -> "
+            f"{m.get('heldout_reward_new')} (lcb {m.get('gain_lcb')}, would publish: {would_publish(m)})")  # fmt: skip
+    cur = current_adapter(settings)
+    adapter = settings.core.adapters_dir / cur["adapter"] if cur else None
+    return {"adapter": adapter, "tokens": tokens, "steps": steps, "seconds": time.perf_counter() - t0,
+            "rounds": history}  # fmt: skip
 
 
-def labeled_sft(base: str, prompts: list[str], eval_prompts: list[str], *, steps: int, lr: float, seed: int) -> float:
-    from peft import LoraConfig, get_peft_model
+def sft_arm(out: Path, base: str, train: list[tuple[str, str, str]], cfg: dict[str, Any], *, seed: int,
+            steps: int) -> dict[str, Any]:  # fmt: skip
+    """Labeled SFT with the learner's RFT trainer (same LoRA, lr, batch), on the true answers of the train prompts
+    a round's gate would leave to training."""
+    from learners.training import train_rft
 
-    model, tok = load_policy(base, None, device="cpu", dtype=None, trainable=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    supervised_train(model, tok, sft_texts(prompts, tok.eos_token), steps=steps, lr=lr, batch_size=32, seed=seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return evaluate(base, Path(tmp), eval_prompts)
+    split = gate.split_prompts([p for _, p, _ in train], fraction=0.2, trained=set(), seed=seed)
+    kept = [train[i] for i in split.train]
+    settings = learner_settings(out / "unused", base, {**cfg, "steps": steps}, mode="rft", k=2, seed=seed)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    examples = [{"prompt": render(p, tok), "completion": f" {a}"} for _, p, a in kept]
+    t0 = time.perf_counter()
+    m = train_rft(settings.learner, base_model=base, parent=None, examples=examples, device="cpu", dtype=None,
+                  out=out / "adapter", seed=seed)  # fmt: skip
+    return {"adapter": out / "adapter", "tokens": 0.0, "steps": m["rft_train_steps"],
+            "seconds": time.perf_counter() - t0, "examples": len(kept)}  # fmt: skip
 
 
-def generation_throughput(base: str, prompts: list[str], k: int) -> dict[str, float]:
-    """Tokens/s for k samples of each prompt: one sequence per generate() call, one prompt (its k samples)
-    per call, and the learner's batching (many prompts per call). The slow ones run on a quarter of the prompts."""
-    model, tok = load_policy(base, None, device="cpu", dtype=None)
-    texts = [render(p, tok) for p in prompts]
-    out = {}
-    for label, batch, n, subset in (("one_sequence_at_a_time", 1, 1, texts[: len(texts) // 4]),
-                                    ("one_prompt_at_a_time", k, k, texts[: len(texts) // 4]),
-                                    ("batched", 64 * k, k, texts)):  # fmt: skip
-        gen = TransformersGenerator(model, tok, batch_size=batch)
-        t0 = time.perf_counter()
-        for _ in range(k // n):  # one sequence at a time: k calls per prompt
-            gen.generate(subset, n=n, temperature=1.0, max_new_tokens=8)
-        out[label] = gen.tokens / (time.perf_counter() - t0)
+# ---------------------------------------------------------------------------------------------------------------
+# statistics
+
+
+def boot(per_seed: list[np.ndarray], *, resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds of per-question values and its 95% interval: a bootstrap that resamples seeds, then
+    questions within each seed (pass paired differences to get a paired interval)."""
+    rng = np.random.default_rng(seed)
+    mean = float(np.mean([x.mean() for x in per_seed]))
+    stats = np.empty(resamples)
+    for b in range(resamples):
+        picks = rng.integers(0, len(per_seed), len(per_seed))
+        stats[b] = np.mean([per_seed[i][rng.integers(0, len(per_seed[i]), len(per_seed[i]))].mean() for i in picks])
+    lo, hi = np.quantile(stats, [0.025, 0.975])
+    return mean, float(lo), float(hi)
+
+
+def fmt(ci: tuple[float, float, float]) -> str:
+    return f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
+
+
+def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    tasks = [t for t, _, _ in seeds[0]["eval_items"]]
+    out: dict[str, Any] = {"arms": {}, "by_task": {}, "vs_sft": {}, "vs_base_by_task": {}, "budgets": {},
+                           "pass_at_k": {}, "by_k": {}}  # fmt: skip
+    for arm in ARMS:
+        vals = [np.asarray(s["eval"][arm]) for s in seeds]
+        out["arms"][arm] = boot(vals)
+        out["by_task"][arm] = {t: boot([v[[i for i, x in enumerate(tasks) if x == t]] for v in vals]) for t in TASK_TYPES}
+        if arm != "sft":
+            out["vs_sft"][arm] = boot([v - np.asarray(s["eval"]["sft"]) for v, s in zip(vals, seeds, strict=True)])
+        if arm != "base":
+            base = [np.asarray(s["eval"]["base"]) for s in seeds]
+            out["vs_base_by_task"][arm] = {
+                t: boot([(v - b)[[i for i, x in enumerate(tasks) if x == t]] for v, b in zip(vals, base, strict=True)])
+                for t in TASK_TYPES
+            }
+            out["budgets"][arm] = {key: float(np.mean([s["budgets"][arm][key] for s in seeds]))
+                                   for key in ("tokens", "steps", "seconds")}  # fmt: skip
+    for k in seeds[0]["pass_at_k"]:
+        out["pass_at_k"][k] = boot([np.asarray(s["pass_at_k"][k]) for s in seeds])
+    with_k = [s for s in seeds if s.get("by_k")]
+    for k in with_k[0]["by_k"] if with_k else []:
+        out["by_k"][k] = boot([np.asarray(s["by_k"][k]["eval"]) for s in with_k])
+        out["by_k"][k] += (float(np.mean([s["by_k"][k]["tokens"] for s in with_k])),)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def run_seed(root: Path, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    t_seed = time.perf_counter()
+    splits = disjoint_questions({"warm": cfg["warm"], "train": cfg["train"], "eval": cfg["eval"]}, seed=seed)
+    train = prompts_of(splits["train"], seed + 1)
+    eval_items = prompts_of(splits["eval"], seed + 2)
+    t0 = time.perf_counter()
+    base_dir, losses = make_suite_model(root / "base", splits["warm"], steps=cfg["warm_steps"], seed=seed,
+                                        hidden_size=cfg["hidden"], layers=cfg["layers"])  # fmt: skip
+    base = str(base_dir)
+    say(f"seed {seed}: base built and warmed up in {time.perf_counter() - t0:.0f}s "
+        f"(loss {losses[0]:.2f} -> {losses[-1]:.2f})")  # fmt: skip
+    mnt = cfg["max_new_tokens"]
+    res: dict[str, Any] = {"seed": seed, "eval_items": eval_items, "eval": {}, "budgets": {}, "rounds": {}}
+    res["eval"]["base"] = evaluate(base, None, eval_items, mnt)
+    say(f"seed {seed}: base eval {np.mean(res['eval']['base']):.3f}")
+    t0 = time.perf_counter()
+    sub = [it for t in TASK_TYPES for it in [x for x in eval_items if x[0] == t][: cfg["passk_eval"]]]
+    pk = pass_at_k(base, sub, 64 if cfg["ks"][-1] >= 64 else max(cfg["ks"]), mnt, seed)
+    res["pass_at_k"] = pk["per_question"]
+    say(f"seed {seed}: base pass@k in {time.perf_counter() - t0:.0f}s: "
+        + ", ".join(f"@{k} {np.mean(v):.3f}" for k, v in pk["per_question"].items()))  # fmt: skip
+    budget_steps = cfg["rounds"] * cfg["steps"]
+    for arm in ARMS[1:]:
+        if arm == "sft":
+            r = sft_arm(root / "sft", base, train, cfg, seed=seed, steps=budget_steps)
+        else:
+            r = tao_arm(root / arm, base, train, cfg, mode=MODES[arm], k=cfg["k"], rounds=cfg["rounds"], seed=seed,
+                        label=f"seed {seed} {arm}")  # fmt: skip
+            res["rounds"][arm] = r["rounds"]
+        res["eval"][arm] = evaluate(base, r["adapter"], eval_items, mnt)
+        res["budgets"][arm] = {key: r[key] for key in ("tokens", "steps", "seconds")}
+        say(f"seed {seed}: {arm} eval {np.mean(res['eval'][arm]):.3f} ({r['steps']:.0f} steps, "
+            f"{r['tokens']:.0f} generated tokens, {r['seconds']:.0f}s)")  # fmt: skip
+        shutil.rmtree(root / arm, ignore_errors=True)
+    if seed < cfg["ks_seeds"]:
+        res["by_k"] = {}
+        for k in cfg["ks"]:
+            r = tao_arm(root / f"k{k}", base, train, cfg, mode="rft", k=k, k_max=k, rounds=1, seed=seed,
+                        label=f"seed {seed} k={k}")  # fmt: skip
+            res["by_k"][k] = {"eval": evaluate(base, r["adapter"], eval_items, mnt), "tokens": r["tokens"]}
+            say(f"seed {seed}: TAO-RFT k={k} eval {np.mean(res['by_k'][k]['eval']):.3f} ({r['tokens']:.0f} tokens)")
+            shutil.rmtree(root / f"k{k}", ignore_errors=True)
+    res["seconds"] = time.perf_counter() - t_seed
+    say(f"seed {seed} done in {res['seconds']:.0f}s")
+    return res
+
+
+def report(summary: dict[str, Any], cfg: dict[str, Any], seeds: list[dict[str, Any]], seconds: float) -> str:
+    lines = [f"seeds {[s['seed'] for s in seeds]}; {len(seeds[0]['eval_items'])} eval questions per seed "
+             f"({cfg['eval']} per task type); total {seconds / 60:.1f} min", "",
+             "| arm | eval reward | arith | json | reverse | vs labeled SFT | generated tokens | optimizer steps | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for arm in ARMS:
+        b = summary["budgets"].get(arm, {"tokens": 0, "steps": 0, "seconds": 0})
+        diff = fmt(summary["vs_sft"][arm]) if arm in summary["vs_sft"] else "-"
+        by_t = " | ".join(fmt(summary["by_task"][arm][t]) for t in TASK_TYPES)
+        lines.append(f"| {arm} | {fmt(summary['arms'][arm])} | {by_t} | {diff} | {b['tokens']:.0f} | "
+                     f"{b['steps']:.0f} | {b['seconds']:.0f} |")  # fmt: skip
+    lines += ["", "per task, change vs base (95% CI):", "", "| arm | " + " | ".join(TASK_TYPES) + " |",
+              "|---|---|---|---|"]  # fmt: skip
+    for arm, by in summary["vs_base_by_task"].items():
+        lines.append(f"| {arm} | " + " | ".join(fmt(by[t]) for t in TASK_TYPES) + " |")
+    lines += ["", "base pass@k on eval questions (ceiling): " + ", ".join(f"k={k}: {fmt(v)}"
+                                                                          for k, v in summary["pass_at_k"].items())]  # fmt: skip
+    if summary["by_k"]:
+        lines += ["", "| k (TAO-RFT, one round) | eval reward | generated tokens |", "|---|---|---|"]
+        for k, v in summary["by_k"].items():
+            lines.append(f"| {k} | {fmt(v[:3])} | {v[3]:.0f} |")
+    gate_votes = [r["gate_would_publish"] for s in seeds for rs in s["rounds"].values() for r in rs]
+    lines += ["", f"gate at its real settings would have published {sum(gate_votes)} of {len(gate_votes)} rounds"]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=100, help="GRPO steps per round")
-    ap.add_argument("--prompts", type=int, default=600, help="unlabeled prompts landed for TAO")
-    ap.add_argument("--eval", type=int, default=200, help="evaluation prompts (never trained on)")
-    ap.add_argument("--warm-steps", type=int, default=200)
-    ap.add_argument("--warm-examples", type=int, default=60)
-    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: one seed, small sizes")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1)")
+    ap.add_argument("--ks-seeds", type=int, default=None, help="seeds that also run the k sweep")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per round (SFT: rounds x steps)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ks", default="2,4,8,16")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    cfg = dict(QUICK if args.quick else FULL)
+    for key in ("seeds", "ks_seeds", "rounds", "steps"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    cfg.update(lr=args.lr, max_new_tokens=20, batch_prompts=4)
     logging.basicConfig(level=logging.WARNING)
+    for noisy in ("learners", "transformers", "trl", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    say(f"config: {cfg}")
     t_start = time.perf_counter()
-    results: dict[str, Any] = {}
+    seeds = []
     with tempfile.TemporaryDirectory(prefix="taoflow-bench-tao-") as tmp:
-        root = Path(tmp)
-        base = str(make_warm_model(root / "warm", steps=args.warm_steps, examples=args.warm_examples, seed=args.seed))
-        warm = set(arithmetic_prompts(args.warm_examples, seed=args.seed + 1000))
-        pool = arithmetic_prompts(args.prompts + args.eval + len(warm), seed=args.seed + 7)
-        pool = [p for p in pool if p not in warm]
-        eval_prompts, train_prompts = pool[: args.eval], pool[args.eval : args.eval + args.prompts]
-        results["prompts"] = {"train (unlabeled)": len(train_prompts), "eval": len(eval_prompts)}
-        results["base"] = evaluate(base, None, eval_prompts)
-        print(f"base (warm-up only): eval reward {results['base']:.3f}", flush=True)
-        t0 = time.perf_counter()
-        tao = tao_rounds(root / "tao", base, train_prompts, eval_prompts, rounds=args.rounds, k=args.k,
-                         steps=args.steps, seed=args.seed, lr=args.lr)  # fmt: skip
-        results["tao"] = {**tao, "seconds": time.perf_counter() - t0}
-        budget = args.rounds * args.steps
-        results["sft"] = labeled_sft(base, train_prompts, eval_prompts, steps=budget, lr=args.lr, seed=args.seed)
-        print(f"labeled SFT ({budget} steps): eval reward {results['sft']:.3f}", flush=True)
-        results["by_k"] = {}
-        for k in [int(x) for x in args.ks.split(",")]:
-            r = tao_rounds(root / f"k{k}", base, train_prompts, eval_prompts, rounds=1, k=k, steps=args.steps,
-                           seed=args.seed, lr=args.lr, gate=False)  # fmt: skip
-            results["by_k"][k] = r["final"]
-        results["generation"] = generation_throughput(base, train_prompts[:64], args.k)
-    results["seconds"] = time.perf_counter() - t_start
-    g = results["generation"]
-    print(json.dumps(results, indent=1, default=str))
-    print(f"\nbase {results['base']:.3f} | TAO {results['tao']['final']:.3f} | labeled SFT {results['sft']:.3f}")
-    print("reward vs k: " + ", ".join(f"k={k}: {v:.3f}" for k, v in results["by_k"].items()))
-    print(f"generation: batched {g['batched']:.0f} tok/s = {g['batched'] / g['one_sequence_at_a_time']:.1f}x one "
-          f"sequence per call ({g['one_sequence_at_a_time']:.0f}), {g['batched'] / g['one_prompt_at_a_time']:.1f}x one "
-          f"prompt per call ({g['one_prompt_at_a_time']:.0f}); total {results['seconds']:.0f}s")  # fmt: skip
+        for seed in range(cfg["seeds"]):
+            seeds.append(run_seed(Path(tmp) / f"seed{seed}", seed, cfg))
+    seconds = time.perf_counter() - t_start
+    summary = summarise(seeds)
+    text = report(summary, cfg, seeds, seconds)
+    print("\n" + text, flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+        args.json.write_text(json.dumps({"config": cfg, "seconds": seconds, "summary": summary, "seeds": seeds},
+                                        indent=1, default=str))  # fmt: skip
 
 
 if __name__ == "__main__":

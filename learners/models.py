@@ -39,13 +39,22 @@ def _corpus(seed: int, n: int = 4000) -> list[str]:
     return lines
 
 
-def build_tokenizer(seed: int = 0, vocab_size: int = 512) -> Any:
-    """A byte-level BPE tokenizer trained here, wrapped as a transformers fast tokenizer."""
+def build_tokenizer(
+    seed: int = 0, vocab_size: int = 512, *, corpus: list[str] | None = None, individual_digits: bool = False
+) -> Any:
+    """A byte-level BPE tokenizer trained here, wrapped as a transformers fast tokenizer.
+
+    `corpus`: extra training text. `individual_digits`: every digit its own token, so numbers the model never saw
+    are made of pieces it has (multi-digit arithmetic needs that to generalise)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if individual_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -53,7 +62,7 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 512) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed) + list(corpus or []), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
@@ -89,6 +98,8 @@ def make_tiny(
     heads: int = 4,
     vocab_size: int = 512,
     max_positions: int = 256,
+    corpus: list[str] | None = None,
+    individual_digits: bool = False,
 ) -> Path:
     """Write a tiny Llama-shaped causal LM (random weights) and its tokenizer as a normal model directory."""
     import torch
@@ -98,7 +109,7 @@ def make_tiny(
     if out.exists() and any(out.iterdir()):
         raise LearnerError(f"{out} is not empty; choose a new directory for the model")
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed, vocab_size)
+    tokenizer = build_tokenizer(seed, vocab_size, corpus=corpus, individual_digits=individual_digits)
     torch.manual_seed(seed)
     config = _tiny_config(
         tokenizer, hidden_size, layers, heads, max_position_embeddings=max_positions, tie_word_embeddings=True

@@ -159,6 +159,10 @@ def _finish(trainer: Any, out: Path, prefix: str = "") -> dict[str, float]:
         kls = [float(h["kl"]) for h in logs if "kl" in h]
         if kls:
             metrics[f"{prefix}train_kl_last"] = kls[-1]
+        lengths = [float(h["completions/mean_length"]) for h in logs if "completions/mean_length" in h]
+        if lengths:  # GRPO samples its own completions: their tokens are part of the round's compute
+            batch = float(trainer.args.per_device_train_batch_size)
+            metrics[f"{prefix}train_generated_tokens"] = round(sum(lengths) * batch)
     return metrics
 
 
