@@ -484,15 +484,20 @@ def build_backend(settings: Any) -> Backend:
     from learners.tao import check_model, default_base_model
 
     cfg = settings.serve
-    base = default_base_model(settings)
     if cfg.backend == "openai":
         if not cfg.upstream_url:
             raise ConfigError(
                 "TAOFLOW_SERVE_BACKEND=openai needs TAOFLOW_SERVE_UPSTREAM_URL (e.g. http://host:8000/v1)"
             )
+        # the upstream serves its own model: nothing is loaded (or built) here, the name is what is asked for
+        model = cfg.upstream_model or settings.core.base_model
+        if not model:
+            raise ConfigError(
+                "TAOFLOW_SERVE_BACKEND=openai needs TAOFLOW_SERVE_UPSTREAM_MODEL, the model name the upstream serves"
+            )
         key = cfg.upstream_api_key.get_secret_value() if cfg.upstream_api_key else None
-        model = cfg.upstream_model or base
         return OpenAIBackend(model, cfg.upstream_url, api_key=key, model=model, timeout_s=cfg.upstream_timeout_s)
+    base = default_base_model(settings)
     if cfg.backend == "vllm":
         key = cfg.vllm_api_key.get_secret_value() if cfg.vllm_api_key else None
         return VllmBackend(base, cfg.vllm_url, launch=cfg.vllm_launch, api_key=key, timeout_s=cfg.upstream_timeout_s)
