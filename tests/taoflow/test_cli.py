@@ -41,7 +41,11 @@ def test_help_lists_every_product_command() -> None:
 def test_schemas_export(tmp_path: Path) -> None:
     code, _ = run("schemas", "export", str(tmp_path / "out"))
     assert code == 0
-    assert len(list((tmp_path / "out").glob("*.schema.json"))) == 7  # six events and the knowledge file
+    names = {p.name.removesuffix(".schema.json") for p in (tmp_path / "out").glob("*.schema.json")}
+    assert names == {"InteractionEvent", "FeedbackEvent", "ScoreEvent", "UtilityEvent", "AdapterEvent", "DeadLetter",
+                     "SessionEvent", "KnowledgeFile"}  # fmt: skip
+    doc = json.loads((tmp_path / "out" / "InteractionEvent.schema.json").read_text())
+    assert {"tools", "tool_calls", "response_format", "finish_reason", "session_id", "step"} <= set(doc["properties"])
 
 
 def test_config_masks_secrets_and_reads_toml(tmp_path: Path) -> None:
