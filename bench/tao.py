@@ -5,10 +5,12 @@ Tasks (`learners.tasks`), each with a verifier that reads the question from the 
   json     "Order 4821: Record item fig qty 37 as JSON."    the answer's JSON is valid against the schema the
                                                             prompt asks for (exactly that item and qty)
   reverse  "Order 4821: Reverse the letters k m x q."       the first line is the letters reversed
-Per seed, the underlying questions (unordered operand pairs, (item, qty), letter strings) are split three ways,
-disjoint: warm-up (labeled), train (landed as unlabeled prompts), eval (never trained on by any arm).
-A small Llama-shaped model with a digit-level tokenizer is built and warmed up on the warm-up questions (weak, not
-random). Then, from that base and on the same train prompts, all task types together in every round:
+The underlying questions (unordered operand pairs, (item, qty), letter strings) are split three ways, disjoint:
+warm-up (labeled; one draw per run), and per seed train (landed as unlabeled prompts) and eval (never trained on
+by any arm). A small Llama-shaped model with a digit-level tokenizer is built and warmed up once on the warm-up
+questions (weak, not random; loss on the answers); the seeds share it and vary the train and eval draws, the order
+numbers and every training and sampling seed. Then, from that base and on the same train prompts, all task types
+together in every round:
   base          the warmed-up model
   sft           labeled SFT: the same trainer as RFT, on the true answers of the train prompts the gate would
                 leave to training (a held-out share is drawn as a round's gate does), same steps and batch
@@ -70,9 +72,22 @@ ARMS = ("base", "sft", "tao-grpo", "tao-rft", "tao-dpo")
 MODES = {"tao-grpo": "grpo", "tao-rft": "rft", "tao-dpo": "offline"}
 PASS_KS = (1, 2, 4, 8, 16, 32, 64)
 
-FULL = {"seeds": 5, "warm": 1500, "train": 80, "eval": 100, "warm_steps": 700, "hidden": 128, "layers": 4,
-        "rounds": 2, "steps": 40, "k": 8, "ks": (2, 4, 8, 16, 32, 64), "ks_seeds": 5, "passk_eval": 40}
-QUICK = {"seeds": 1, "warm": 600, "train": 24, "eval": 30, "warm_steps": 150, "hidden": 64, "layers": 2,
+FULL = {
+    "seeds": 5,
+    "warm": 1500,
+    "train": 80,
+    "eval": 100,
+    "warm_steps": 1500,
+    "hidden": 96,
+    "layers": 3,
+    "rounds": 2,
+    "steps": 40,
+    "k": 8,
+    "ks": (2, 4, 8, 16, 32, 64),
+    "ks_seeds": 5,
+    "passk_eval": 40,
+}
+QUICK = {"seeds": 1, "warm": 600, "train": 24, "eval": 30, "warm_steps": 100, "hidden": 64, "layers": 2,
          "rounds": 1, "steps": 4, "k": 4, "ks": (2, 4), "ks_seeds": 1, "passk_eval": 10}  # fmt: skip
 
 
@@ -238,7 +253,9 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     for arm in ARMS:
         vals = [np.asarray(s["eval"][arm]) for s in seeds]
         out["arms"][arm] = boot(vals)
-        out["by_task"][arm] = {t: boot([v[[i for i, x in enumerate(tasks) if x == t]] for v in vals]) for t in TASK_TYPES}
+        out["by_task"][arm] = {
+            t: boot([v[[i for i, x in enumerate(tasks) if x == t]] for v in vals]) for t in TASK_TYPES
+        }
         if arm != "sft":
             out["vs_sft"][arm] = boot([v - np.asarray(s["eval"]["sft"]) for v, s in zip(vals, seeds, strict=True)])
         if arm != "base":
@@ -262,17 +279,31 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
 # the run
 
 
-def run_seed(root: Path, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def build_base(root: Path, cfg: dict[str, Any], cache: Path | None) -> tuple[str, dict[str, Any]]:
+    """The warmed-up base (one per run, shared by the seeds) and its warm-up questions; reused from `cache` when
+    it was built with the same settings."""
+    keys = ("warm", "warm_steps", "hidden", "layers", "warm_lr")
+    meta = {k: cfg[k] for k in keys}
+    warm = disjoint_questions({"warm": cfg["warm"]}, seed=10_000)["warm"]
+    if cache is not None and (cache / "suite.json").exists() and json.loads((cache / "suite.json").read_text()) == meta:
+        say(f"base reused from {cache}")
+        return str(cache), warm
+    out = cache if cache is not None else root / "base"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    _, losses = make_suite_model(out, warm, steps=cfg["warm_steps"], seed=0, lr=cfg["warm_lr"],
+                                 hidden_size=cfg["hidden"], layers=cfg["layers"])  # fmt: skip
+    (out / "suite.json").write_text(json.dumps(meta))
+    say(f"base built and warmed up in {time.perf_counter() - t0:.0f}s (answer loss {losses[0]:.2f} -> "
+        f"{np.mean(losses[-20:]):.2f})")  # fmt: skip
+    return str(out), warm
+
+
+def run_seed(root: Path, seed: int, cfg: dict[str, Any], base: str, warm: dict[str, list[Any]]) -> dict[str, Any]:
     t_seed = time.perf_counter()
-    splits = disjoint_questions({"warm": cfg["warm"], "train": cfg["train"], "eval": cfg["eval"]}, seed=seed)
+    splits = disjoint_questions({"train": cfg["train"], "eval": cfg["eval"]}, seed=seed, exclude=warm)
     train = prompts_of(splits["train"], seed + 1)
     eval_items = prompts_of(splits["eval"], seed + 2)
-    t0 = time.perf_counter()
-    base_dir, losses = make_suite_model(root / "base", splits["warm"], steps=cfg["warm_steps"], seed=seed,
-                                        hidden_size=cfg["hidden"], layers=cfg["layers"])  # fmt: skip
-    base = str(base_dir)
-    say(f"seed {seed}: base built and warmed up in {time.perf_counter() - t0:.0f}s "
-        f"(loss {losses[0]:.2f} -> {losses[-1]:.2f})")  # fmt: skip
     mnt = cfg["max_new_tokens"]
     res: dict[str, Any] = {"seed": seed, "eval_items": eval_items, "eval": {}, "budgets": {}, "rounds": {}}
     res["eval"]["base"] = evaluate(base, None, eval_items, mnt)
@@ -344,12 +375,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per round (SFT: rounds x steps)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--base-cache", type=Path, default=None, help="keep the warmed-up base here and reuse it")
     args = ap.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("seeds", "ks_seeds", "rounds", "steps"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    cfg.update(lr=args.lr, max_new_tokens=20, batch_prompts=4)
+    cfg.update(lr=args.lr, warm_lr=3e-3, max_new_tokens=20, batch_prompts=4)
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("learners", "transformers", "trl", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -357,8 +389,9 @@ def main() -> None:
     t_start = time.perf_counter()
     seeds = []
     with tempfile.TemporaryDirectory(prefix="taoflow-bench-tao-") as tmp:
+        base, warm = build_base(Path(tmp), cfg, args.base_cache)
         for seed in range(cfg["seeds"]):
-            seeds.append(run_seed(Path(tmp) / f"seed{seed}", seed, cfg))
+            seeds.append(run_seed(Path(tmp) / f"seed{seed}", seed, cfg, base, warm))
     seconds = time.perf_counter() - t_start
     summary = summarise(seeds)
     text = report(summary, cfg, seeds, seconds)

@@ -95,7 +95,10 @@ def check_trl_overrides(trl: dict[str, Any], mode: str) -> None:
     from trl import DPOConfig, GRPOConfig, SFTConfig
 
     classes: dict[str, list[Any]] = {
-        "grpo": [GRPOConfig], "offline": [DPOConfig], "rft": [SFTConfig], "rft+grpo": [SFTConfig, GRPOConfig]
+        "grpo": [GRPOConfig],
+        "offline": [DPOConfig],
+        "rft": [SFTConfig],
+        "rft+grpo": [SFTConfig, GRPOConfig],
     }
     names = {f.name for c in classes[mode] for f in dataclasses.fields(c)}
     unknown = sorted(set(trl) - names)
@@ -231,7 +234,8 @@ def build_grpo(
     base = {
         **_common(cfg, device, work_dir, cfg.steps, seed),
         "num_generations": cfg.k,
-        "per_device_train_batch_size": cfg.k * cfg.batch_prompts,
+        # fewer rows than a step's prompts would leave TRL's sampler nothing to yield: it stops at step 0
+        "per_device_train_batch_size": cfg.k * min(cfg.batch_prompts, len(rows)),
         "max_completion_length": cfg.max_new_tokens,
         "temperature": temperature,
         "beta": cfg.kl_beta,
@@ -254,6 +258,8 @@ def train_grpo(cfg: Any, *, out: Path, **kwargs: Any) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="taoflow-grpo-") as tmp:
         trainer = build_grpo(cfg, work_dir=tmp, **kwargs)
         _quiet(trainer).train()
+        if not trainer.state.global_step:
+            raise LearnerError("GRPO made no optimizer step (its sampler yielded no batch): nothing to publish")
         return _finish(trainer, out)
 
 
