@@ -180,3 +180,64 @@ def test_report_and_dashboard_show_session_outcomes_per_operator(worker: Worker)
     text = console.export_text()
     assert "Session outcomes per operator" in text and "0.500 [" in text
     assert {r["operator"] for r in dashboard_data(worker.ctx.settings)["sessions"]} == {"plan", "react"}
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_sessions_through_the_real_worker_survive_a_kill(fresh_broker: Any, tmp_path: Path) -> None:
+    """400 three-step sessions, session feedback before, between or after the steps, through the embedded broker and
+    a real worker killed with SIGKILL midway: one utility update per session, every step joined, the view exact."""
+    import random
+    import signal
+    import threading
+    import time
+
+    from kafka import KafkaProducer
+
+    from streams.sqlapi import query
+    from tests.streams.harness import settings_for, start_worker, stop, wait_for, worker_env
+
+    rng = random.Random(11)
+    sessions = [(f"e2e-{k}", ("plan", "react")[k % 2], rng.choice((0.0, 1.0)), rng.randrange(4)) for k in range(400)]
+    producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, linger_ms=5)
+
+    def produce() -> None:
+        for n, (sid, op, value, at) in enumerate(sessions):
+            docs = [(names.INTERACTIONS, step(i, sid=sid, caller=None, operator=op)) for i in range(3)]
+            docs.insert(at, (names.FEEDBACK, session_fb(f"fb-{sid}", value, sid=sid, caller=None)))
+            for topic, doc in docs:
+                key = (doc.get("session_id") if topic == names.FEEDBACK else doc["event_id"]).encode()
+                producer.send(topic, key=key, value=orjson.dumps(doc))
+            if n % 20 == 19:
+                time.sleep(0.2)  # about 100 sessions/s, so the kill lands in the middle
+        producer.flush()
+        producer.close()
+
+    data = tmp_path / "data"
+    env = worker_env(fresh_broker.bootstrap, data, "sessions")
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    feeder = threading.Thread(target=produce)
+    feeder.start()
+    try:
+        wait_for(data, "SELECT count(*) FROM sessions", lambda r: r.rows[0][0] >= 200, timeout=180)
+        stop(worker, signal.SIGKILL)
+        worker = start_worker(env, log)
+        feeder.join()
+        wait_for(data, "SELECT count(*) FROM session_outcomes WHERE steps = 3 AND reward IS NOT NULL",
+                 lambda r: r.rows[0][0] >= len(sessions), timeout=240)  # fmt: skip
+        time.sleep(3)  # anything extra (a duplicate) would land by now
+        settings = settings_for(data)
+        per_op = {op: sum(1 for s in sessions if s[1] == op) for op in ("plan", "react")}
+        assert dict(query("SELECT operator, n FROM utilities", settings).rows) == per_op  # once per session
+        outcomes = {sid: (op, steps, reward, rewarded) for sid, op, steps, reward, rewarded in query(
+            "SELECT session_id, operator, steps, reward, rewarded FROM session_outcomes", settings).rows}  # fmt: skip
+        assert outcomes == {sid: (op, 3, value, True) for sid, op, value, _ in sessions}
+        joined = query("SELECT count(*) FROM final_scores WHERE parts->>'feedback.task_success' IS NOT NULL",
+                       settings).rows[0][0]  # fmt: skip
+        assert joined == 3 * len(sessions)
+        dup = query("SELECT count(*) - count(DISTINCT event_id) FROM interactions", settings).rows[0][0]
+        assert dup == 0
+    finally:
+        feeder.join()
+        stop(worker)
