@@ -38,6 +38,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.background import BackgroundTask
 
 from schemas import AdapterEvent, UtilityEvent
 from schemas import topics as names
@@ -842,6 +843,15 @@ def build_app(gateway: Gateway) -> Any:
         gen = Generation(text, gen_req.prompt_tokens, n_completion, finish)
         gw.capture(call, gen, (time.perf_counter() - t0) * 1000, stream=True, served=gen_req.served)
 
+    def after_response(call: Call, gen: Generation, latency_ms: float, served: str | None) -> BackgroundTask:
+        """The capture of a complete, non-streamed reply, run on the event loop once the reply is sent: the capture
+        threads it wakes (the Emitter and its Kafka producer) then never hold the reply back."""
+
+        async def capture() -> None:
+            gw.capture(call, gen, latency_ms, stream=False, served=served)
+
+        return BackgroundTask(capture)
+
     def relay_body(req: Any, op: Operator, chat: bool, max_tokens: int) -> dict[str, Any]:
         """The client's body for the upstream: every field it sent, except what routing changes (the model, the
         operator's system prompt/template) and `metadata` (the gateway's routing and capture channel: it may carry
@@ -881,10 +891,10 @@ def build_app(gateway: Gateway) -> Any:
             calls = (choice.get("message") or {}).get("tool_calls") or None
             gen = Generation(reply_text(choice), int(usage.get("prompt_tokens") or 0),
                              int(usage.get("completion_tokens") or 0), finish, calls)  # fmt: skip
-            record(gen, t0)
+            latency = (time.perf_counter() - t0) * 1000
             data["model"] = req.model
             data.update(extra)
-            return JSONResponse(data, headers=headers)
+            return JSONResponse(data, headers=headers, background=after_response(call, gen, latency, op.adapter))
         try:
             resp = await backend.open_stream(path, body)  # an upstream error status comes back as that status
         except BaseException:

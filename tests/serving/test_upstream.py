@@ -125,6 +125,15 @@ class Captured:
 
     def close(self) -> None: ...
 
+    def since(self, before: int, n: int, timeout: float = 10.0) -> list[Any]:
+        """The `n` events emitted after the first `before`: a non-streamed reply is captured once it is sent, so
+        the capture may come a moment after the client has the reply."""
+        deadline = time.monotonic() + timeout
+        while len(self.events) < before + n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.events) == before + n, f"{len(self.events) - before} events captured, expected {n}"
+        return self.events[before:]
+
 
 def upstream_settings(tmp: Path, url: str) -> Settings:
     operators = {"support": [{"name": "kind", "system_prompt": "Be kind."}], "default": [{"name": "plain"}],
@@ -190,8 +199,7 @@ def test_tool_calling_round_trip_relays_every_field_and_returns_the_tool_calls(
     relayed = FakeUpstream.bodies[-1]["messages"]
     assert relayed[-2]["tool_calls"][0]["id"] == "call_1" and relayed[-1]["tool_call_id"] == "call_1"
 
-    events: list[Any] = cap.events[before:]
-    assert len(events) == 2
+    events = cap.since(before, 2)
     calls = json.loads(events[0].response)
     assert calls[0]["function"]["name"] == "weather"
     # what a learner needs of a tool-using call: the tools offered, the calls made, the finish reason
@@ -231,11 +239,12 @@ def test_stream_passes_tool_call_deltas_usage_and_the_real_finish_reason(gw: tup
 
 def test_response_format_n_and_logprobs_come_back_whole(gw: tuple[openai.OpenAI, Captured]) -> None:
     client, cap = gw
+    before = len(cap.events)
     msg = [{"role": "user", "content": "Answer in JSON"}]
     js = client.chat.completions.create(model="taoflow", messages=msg, response_format={"type": "json_object"})
     assert json.loads(js.choices[0].message.content or "") == {"answer": 42}
     assert FakeUpstream.bodies[-1]["response_format"] == {"type": "json_object"}
-    ev: Any = cap.events[-1]
+    [ev] = cap.since(before, 1)
     assert ev.response_format == {"type": "json_object"} and ev.tools is None and ev.finish_reason == "stop"
 
     many = client.chat.completions.create(model="taoflow", messages=[{"role": "user", "content": "hi"}], n=2,
@@ -281,7 +290,7 @@ def test_upstream_failures_are_mapped_never_hang_and_leave_the_gateway_serving(
 
     assert len(cap.events) == before, "failed requests are not captured"
     assert ask("still there?").choices[0].message.content == "plain"
-    assert len(cap.events) == before + 1
+    cap.since(before, 1)
 
 
 def test_unreachable_upstream_is_a_503_with_the_setting_to_check(tmp_path: Path) -> None:
@@ -323,7 +332,7 @@ def test_a_session_keeps_its_operator_across_steps_and_takes_session_feedback(
         metadata={"session_id": "ticket-42", "step": "7", "task_type": "mix"},  # the client's own numbering
     )  # fmt: skip
     assert r.headers["x-taoflow-operator"] == ops[0] and r.headers["x-taoflow-step"] == "7"
-    session = [e for e in cap.events[before:] if getattr(e, "session_id", None) == "ticket-42"]
+    session = [e for e in cap.since(before, 29) if getattr(e, "session_id", None) == "ticket-42"]
     assert [(e.step, e.operator) for e in session] == [(n, ops[0]) for n in (*range(8), 7)]  # type: ignore[attr-defined]
     assert all("session_id" not in e.metadata for e in session)  # type: ignore[attr-defined]
 
