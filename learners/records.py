@@ -1,9 +1,13 @@
-"""Where the learner's rows go: over Kafka to the DuckDB owner (the lander), or straight into the file.
+"""Where the learner's rows go: straight into the DuckDB file when no process owns it, else over Kafka to the
+process that does (the lander).
 
-DuckDB allows one process per file. While a stream worker runs, its lander owns `taoflow.duckdb`, so
-the learner produces its `tao_rounds` / `tao_candidates` rows to `taoflow.learner.records` and its
-AdapterEvents to `taoflow.adapters`, and the lander lands them, idempotently, like every other table.
-With no Kafka reachable (a lone `taoflow tao run` on embedded defaults) it writes the file itself.
+DuckDB allows one process per file. While a stream worker runs, its lander owns `taoflow.duckdb`, so the learner
+produces its `tao_rounds` / `tao_candidates` rows to `taoflow.learner.records` and the lander lands them,
+idempotently, like every other table. When no lander holds the file (a `taoflow tao run` with the broker up but no
+worker, or with no broker at all) the learner writes the file itself, so `taoflow sql` shows its rows at once; if a
+lander takes the file in the middle of a round, the rest goes over Kafka. AdapterEvents always go to
+`taoflow.adapters` when Kafka is reachable (the gateway follows it), and to the file's `adapters` table as well
+when the learner writes the file (landing the event again later is a no-op: same key).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class RecordSink:
 
         self.settings = settings
         self.producer: Any = None
+        self.to_file = not file_owned(settings)  # write the file ourselves while no other process holds it
         if prefer_kafka and reachable(settings.bootstrap, timeout=2.0):
             from kafka import KafkaProducer
 
@@ -44,18 +49,33 @@ class RecordSink:
                 max_request_size=16 * 1024 * 1024,
                 **settings.kafka.security_kwargs(),
             )
-            log.info("learner records go to Kafka at %s (landed by the stream worker)", settings.bootstrap)
-        else:
-            log.info("Kafka is not reachable: the learner writes %s itself", settings.core.duckdb_path)
+        log.info("learner records: %s", self.where())
 
     @property
     def via(self) -> str:
-        return "kafka" if self.producer is not None else "duckdb"
+        return "duckdb" if self.to_file or self.producer is None else "kafka"
+
+    def where(self) -> str:
+        """Where this round's rows go, in a sentence for the user."""
+        path = self.settings.core.duckdb_path
+        if self.via == "duckdb":
+            return f"written to {path} (no other process holds it)"
+        return (f"sent to {names.LEARNER_RECORDS} at {self.settings.bootstrap}; the stream worker's lander owns {path} "
+                "and lands them")  # fmt: skip
 
     def write(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Rows of `tao_rounds` or `tao_candidates`, JSON-style values; durable when this returns."""
         if not rows:
             return
+        if self.to_file:
+            try:
+                self._write_file({table: [store.record_values(table, r) for r in rows]})
+                return
+            except LearnerError:
+                if self.producer is None:
+                    raise
+                self.to_file = False  # a lander took the file since: it lands the rest from Kafka
+                log.info("learner records: %s", self.where())
         if self.producer is not None:
             for row in rows:
                 value = orjson.dumps({"table": table, "row": row}, default=str)
@@ -69,8 +89,13 @@ class RecordSink:
         if self.producer is not None:
             self.producer.send(names.ADAPTERS, key=event.key(), value=event.to_json_bytes())
             self.producer.flush(60)
-            return
-        self._write_file({"adapters": [store.record_values("adapters", event.model_dump())]})
+        if self.to_file or self.producer is None:
+            try:
+                self._write_file({"adapters": [store.record_values("adapters", event.model_dump())]})
+            except LearnerError:
+                if self.producer is None:
+                    raise  # nowhere else for it to go
+                self.to_file = False  # the lander that took the file lands the event from Kafka
 
     def _write_file(self, tables: dict[str, list[tuple[Any, ...]]]) -> None:
         import duckdb
@@ -102,3 +127,17 @@ class RecordSink:
             self.producer.flush(60)
             self.producer.close(5)
             self.producer = None
+
+
+def file_owned(settings: Settings) -> bool:
+    """Whether another process holds the DuckDB file (a lander): DuckDB then refuses to open it here."""
+    import duckdb
+
+    path = settings.core.duckdb_path
+    if not path.exists():
+        return False
+    try:
+        duckdb.connect(str(path)).close()
+    except duckdb.IOException:
+        return True
+    return False

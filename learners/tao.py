@@ -97,6 +97,7 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    records: str | None = None  # where the round's rows went (`RecordSink.where`)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -891,6 +892,8 @@ def run_round(settings: Settings, reporter: Reporter | None = None, *, prefer_ka
         sink = RecordSink(settings, prefer_kafka=prefer_kafka)
         try:
             recover(settings, sink)
-            return Round(settings, sink, reporter).run()
+            result = Round(settings, sink, reporter).run()
+            result.records = sink.where()
+            return result
         finally:
             sink.close()

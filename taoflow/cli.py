@@ -201,6 +201,8 @@ def tao_run(k: int | None, steps: int | None, mode: str | None) -> None:
     )
     if result.error:
         click.echo(f"  {result.error}")
+    if result.records:
+        click.echo(f"  rows: {result.records}; see them with taoflow sql \"SELECT * FROM round_history\"")
     shown = ("prompts_selected", "prompts_informative", "prompts_uniform_skipped", "best_of_k_reward",
              "heldout_reward_current", "heldout_reward_new", "gain", "gain_lcb", "generation_tokens_per_s")  # fmt: skip
     for key in shown:
