@@ -138,7 +138,7 @@ class EventModel(BaseModel):
     schema_version: Literal[1] = 1  # SCHEMA_VERSION
 
     def key(self) -> bytes | None:
-        """The Kafka message key of this event (PRODUCT.md's topic table)."""
+        """The Kafka message key of this event (README's topic table)."""
         return None
 
     def to_json_bytes(self) -> bytes:

@@ -1,4 +1,4 @@
-"""Topic names of PRODUCT.md: the wire contract between agents, streams, learner and serving."""
+"""Topic names (README, "Topics and events"): the wire contract between agents, streams, learner and serving."""
 
 INTERACTIONS = "taoflow.interactions"
 FEEDBACK = "taoflow.feedback"

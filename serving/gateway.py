@@ -163,12 +163,6 @@ def _unsupported_locally(req: Any) -> None:
         )
 
 
-def _pydantic_error(exc: ValidationError) -> str:
-    e = exc.errors(include_url=False)[0]
-    where = ".".join(str(p) for p in e["loc"]) or "body"
-    return f"field '{where}': {e['msg']}"
-
-
 class _Metrics:
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -652,7 +646,7 @@ def build_app(gateway: Gateway) -> Any:
         try:
             return model.model_validate(doc)
         except ValidationError as exc:
-            raise BadRequest(_pydantic_error(exc), code="invalid_request") from None
+            raise BadRequest(format_errors(model, exc), code="invalid_request") from None
 
     from serving.dashboard import add_dashboard
 

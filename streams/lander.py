@@ -31,14 +31,13 @@ from schemas import topics as names
 from schemas.exceptions import EventValidationError
 from schemas.fast import FastInteraction, fast_score, fast_utility, parse_feedback, parse_interaction
 from streams import store
-from streams.sqlapi import TOKEN_FILE, LakeViews, load_httpfs, write_token
+from streams.sqlapi import OWNER_FILE, TOKEN_FILE, LakeViews, load_httpfs, write_token
 from streams.sqlguard import QueryLimits, lock_down, read_cursor, readable_dir
 from streams.sqlguard import run as guarded_run
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OWNER_FILE = "lander.json"
 
 
 def _interaction_row(
@@ -436,7 +435,7 @@ class Lander:
 
 
 def main() -> None:
-    """`python -m streams.lander`: run a lander until SIGTERM/SIGINT (the worker starts it this way)."""
+    """`taoflow lander` (and `python -m streams.lander`, as the worker starts it): run until SIGTERM/SIGINT."""
     logging.basicConfig(level=os.environ.get("TAOFLOW_LOG_LEVEL", "INFO"), format="lander: %(message)s")
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

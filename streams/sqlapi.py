@@ -19,6 +19,7 @@ from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
+OWNER_FILE = "lander.json"  # the running lander's address and pid, in the data directory
 TOKEN_FILE = "sql.token"  # beside lander.json; the lander's SQL endpoint wants it as a bearer token
 
 
@@ -78,7 +79,7 @@ def query(sql: str, settings: Settings | None = None, timeout: float = 60.0) -> 
     """Run SQL over the outcome tables, also while ingestion runs (no lock errors, worker keeps going)."""
     settings = settings or Settings()
     limits = QueryLimits.from_settings(settings.stream)
-    owner = settings.core.data_dir / "lander.json"
+    owner = settings.core.data_dir / OWNER_FILE
     info: dict[str, Any] | None = None
     try:
         info = json.loads(owner.read_text())

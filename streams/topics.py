@@ -1,4 +1,4 @@
-"""faust topic objects for the PRODUCT.md topics and the worker's internal reward repartition topic."""
+"""faust topic objects for the product's topics and the worker's internal repartition topics."""
 
 from __future__ import annotations
 

@@ -137,6 +137,17 @@ def worker(no_lander: bool) -> None:
 
 
 @cli.command()
+def lander() -> None:
+    """The lander alone: sole owner of the DuckDB file, it lands every outcome topic and answers SQL on its port.
+
+    `taoflow worker` starts one beside itself; run it alone where workers run with TAOFLOW_STREAM_LAND_DUCKDB=false
+    (one lander per DuckDB file; a second one stands by until the first lets go)."""
+    from streams.lander import main
+
+    main()
+
+
+@cli.command()
 @click.option("--now", "run_now", is_flag=True, help="Also run a round right away (still subject to min_new_prompts).")
 def learner(run_now: bool) -> None:
     """The TAO scheduler: runs rounds on an interval or cron schedule.

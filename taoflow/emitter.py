@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.base import EventModel, Limits, new_event_id
+from schemas.base import EventModel, Limits, new_event_id, parse_event
 from schemas.feedback import FeedbackEvent, FeedbackKind
 from schemas.interactions import ChatMessage, InteractionEvent
 from taoflow.broker import reachable
@@ -248,15 +248,7 @@ class Emitter:
     # internals
 
     def _validate(self, model: type[EventModel], data: dict[str, Any]) -> Any:
-        from pydantic import ValidationError
-
-        from schemas.base import format_errors
-        from schemas.exceptions import EventValidationError
-
-        try:
-            return model.model_validate(data, context=self._ctx)
-        except ValidationError as exc:
-            raise EventValidationError(format_errors(model, exc)) from None
+        return parse_event(model, data, self.limits)  # EventValidationError naming each bad field
 
     def _drained(self) -> bool:
         return not self._queue and self._inflight == 0 and self._spool_records == 0

@@ -20,6 +20,3 @@ class SpoolError(TaoflowError):
 class SpoolFullError(SpoolError):
     """The spool reached its size bound and the policy is `error`."""
 
-
-class NotYetAvailableError(TaoflowError):
-    """The command belongs to a capability that has not landed yet."""

@@ -53,8 +53,6 @@ def check_env(env: dict[str, Any], where: str, monkeypatch: pytest.MonkeyPatch) 
 
 
 def check_command(args: list[str], where: str) -> None:
-    if args[:3] == ["python", "-m", "streams.lander"]:
-        return
     assert args and args[0] in cli.commands, f"{where}: `taoflow {' '.join(args)}` is not a taoflow command"
 
 

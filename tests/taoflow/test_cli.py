@@ -1,4 +1,4 @@
-"""The CLI: every PRODUCT.md command is listed, user mistakes are one-line errors, broker starts and stops."""
+"""The CLI: every product command is listed, user mistakes are one-line errors, broker starts and stops."""
 
 from __future__ import annotations
 
