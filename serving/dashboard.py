@@ -1,7 +1,9 @@
 """The web dashboard: served by the gateway at `/dashboard`, or alone by `taoflow dashboard`.
 
-One HTML page and taoflow's own small SVG chart script (both in `serving/static`, so nothing is fetched from
-the network), fed by `/dashboard/data`, which reads the SQL views. The page refreshes itself every few seconds.
+One HTML page and its script (`serving/static`) drawing with plotly.js, which is served from the installed
+`plotly` package (nothing is fetched from the network), fed by `/dashboard/data`, which reads the SQL views. The
+page refreshes itself every few seconds, and a Content-Security-Policy lets it load scripts and data only from
+this server (inline styles are allowed: plotly.js sets them).
 Access takes an admin key, as the gateway's admin scope: `Authorization: Bearer <key>`, or the sign-in form at
 `/dashboard` (a POST; the key never goes in a URL), which sets an HttpOnly, SameSite=Strict cookie (`Secure`
 over https) holding a session token: an expiry time and an HMAC of it under the key, so the key itself is never
@@ -12,10 +14,15 @@ the dashboard is open, like the gateway.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
 import hashlib
 import hmac
+import importlib.metadata
+import importlib.resources
 import json
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -32,6 +39,18 @@ COOKIE = "taoflow_session"
 REFRESH_S = 5
 SESSION_S = 12 * 3600
 LOGIN_MAX_BYTES = 4096
+PLOTLY_VERSION = importlib.metadata.version("plotly")
+# scripts, data and the sign-in form only from this server; no framing, no plugins, no <base> tricks
+CSP = (
+    "default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
+    "style-src 'self' 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 def _iso(v: Any) -> Any:
@@ -70,6 +89,15 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
     series: dict[str, list[dict[str, Any]]] = {}
     for r in reward:
         series.setdefault(r["adapter"], []).append({"x": r["bucket"], "y": r["y"], "n": r["n"]})
+    by_task = _rows(
+        settings,
+        f"SELECT task_type, adapter, bucket AS x, mean_reward AS y, n, ci_low, ci_high "
+        f"FROM improvement_by(INTERVAL {w} SECOND) ORDER BY task_type, adapter, x",
+    )
+    panels: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in by_task:
+        task, adapter = r.pop("task_type"), r.pop("adapter")
+        panels.setdefault(task, {}).setdefault(adapter, []).append(r)
     ops = _rows(
         settings,
         "SELECT task_type || '/' || operator AS name, max(n) AS n FROM utility_history "
@@ -78,13 +106,14 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
     names = ", ".join("'" + o["name"].replace("'", "''") + "'" for o in ops) or "''"
     util = _rows(
         settings,
-        f"SELECT task_type || '/' || operator AS name, time_bucket(INTERVAL {w} SECOND, ts) AS x, "
-        f"arg_max(utility, n) AS y FROM utility_history WHERE task_type || '/' || operator IN "
-        f"({names}) GROUP BY ALL ORDER BY x",
+        f"SELECT task_type || '/' || operator AS name, task_type, operator, "
+        f"time_bucket(INTERVAL {w} SECOND, ts) AS x, arg_max(utility, n) AS y FROM utility_history "
+        f"WHERE task_type || '/' || operator IN ({names}) GROUP BY ALL ORDER BY x",
     )
-    useries: dict[str, list[dict[str, Any]]] = {}
+    useries: dict[str, dict[str, Any]] = {}
     for r in util:
-        useries.setdefault(r["name"], []).append({"x": r["x"], "y": r["y"]})
+        u = useries.setdefault(r["name"], {"name": r["name"], "task_type": r["task_type"], "operator": r["operator"]})
+        u.setdefault("points", []).append({"x": r["x"], "y": r["y"]})
     rounds = _rows(settings, "SELECT * FROM round_history")
     tput = _rows(
         settings,
@@ -101,7 +130,12 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
         "refresh_seconds": REFRESH_S,
         "rewards": span["n"],
         "reward_series": [{"name": k, "points": v} for k, v in series.items()],
-        "utility_series": [{"name": k, "points": v} for k, v in useries.items()],
+        # one panel per task type: mean reward and its 95% interval per adapter and bucket, None where no traffic
+        "reward_panels": [
+            {"task_type": t, "series": [{"name": a, "points": with_gaps(p, w)} for a, p in s.items()]}
+            for t, s in panels.items()
+        ],
+        "utility_series": list(useries.values()),
         "round_series": [
             {
                 "name": "held-out reward before",
@@ -140,6 +174,31 @@ def dashboard_data(settings: Settings) -> dict[str, Any]:
     }
 
 
+def with_gaps(points: list[dict[str, Any]], width: int) -> list[dict[str, Any]]:
+    """`points` (ascending `x`, one per bucket of `width` seconds) with a `y: None` point after each bucket that
+    has no successor, so a chart breaks its line there instead of drawing across a time with no traffic.
+
+    >>> [p["y"] for p in with_gaps([{"x": "2026-01-01T00:00:00", "y": 1}, {"x": "2026-01-01T00:01:00", "y": 2},
+    ...                             {"x": "2026-01-01T00:05:00", "y": 3}], 60)]
+    [1, 2, None, 3]
+    """
+    out: list[dict[str, Any]] = []
+    for p in points:
+        if out:
+            gap = datetime.fromisoformat(str(out[-1]["x"])) + timedelta(seconds=width)
+            if datetime.fromisoformat(str(p["x"])) > gap:
+                out.append({"x": gap.isoformat(), "y": None})
+        out.append(p)
+    return out
+
+
+@functools.cache
+def plotly_js() -> tuple[bytes, bytes]:
+    """plotly.js as the installed `plotly` package ships it, plain and gzipped (read once)."""
+    raw = (importlib.resources.files("plotly") / "package_data" / "plotly.min.js").read_bytes()
+    return raw, gzip.compress(raw, compresslevel=6, mtime=0)
+
+
 def session_token(key: bytes, expires: int) -> str:
     """`<expiry>.<hmac>`: proves the holder signed in with `key` and lapses at `expires` (unix seconds)."""
     mac = hmac.new(key, f"taoflow-dashboard-session:{expires}".encode(), hashlib.sha256).hexdigest()
@@ -154,7 +213,7 @@ def _ascii(value: str | None) -> bytes:
 
 def add_dashboard(app: FastAPI, settings: Settings) -> None:
     """Mount `/dashboard` (page, or the sign-in form), `/dashboard/login`, `/dashboard/logout`,
-    `/dashboard/charts.js` and `/dashboard/data` on `app`."""
+    `/dashboard/charts.js`, `/dashboard/plotly.min.js` and `/dashboard/data` on `app`."""
     cfg = settings.serve
     admin = [k.get_secret_value().encode() for k in cfg.admin_keys]
     anyone = not admin and not cfg.api_keys
@@ -168,9 +227,9 @@ def add_dashboard(app: FastAPI, settings: Settings) -> None:
     def allowed(request: Request) -> bool:
         if anyone:
             return True
-        header = _ascii(request.headers.get("authorization"))
-        if header[:7].lower() == b"bearer ":
-            header = header[7:].strip()
+        raw = request.headers.get("authorization") or ""
+        # the scheme's space would fail _ascii's check, so it goes first
+        header = _ascii(raw[7:].strip() if raw[:7].lower() == "bearer " else raw)
         if header:
             return any(hmac.compare_digest(header, k) for k in admin)
         cookie = _ascii(request.cookies.get(COOKIE))
@@ -182,7 +241,7 @@ def add_dashboard(app: FastAPI, settings: Settings) -> None:
 
     def login_page(message: str = "", status: int = 401) -> HTMLResponse:
         html = (STATIC / "login.html").read_text().replace("{message}", message)
-        return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(html, status_code=status, headers=HEADERS)
 
     @app.get("/dashboard")
     async def page(request: Request) -> Response:
@@ -191,7 +250,8 @@ def add_dashboard(app: FastAPI, settings: Settings) -> None:
             raise BadRequest("keys in URLs are refused; sign in with the form at /dashboard", code="key_in_url")
         if not allowed(request):
             return login_page()
-        return HTMLResponse((STATIC / "dashboard.html").read_text())
+        html = (STATIC / "dashboard.html").read_text().replace("{plotly_version}", PLOTLY_VERSION)
+        return HTMLResponse(html, headers=HEADERS)
 
     @app.post("/dashboard/login")
     async def login(request: Request) -> Response:
@@ -223,12 +283,28 @@ def add_dashboard(app: FastAPI, settings: Settings) -> None:
     @app.get("/dashboard/charts.js")
     async def charts(request: Request) -> Response:
         check(request)
-        return Response((STATIC / "charts.js").read_text(), media_type="application/javascript")
+        return Response(
+            (STATIC / "charts.js").read_text(),
+            media_type="application/javascript",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    @app.get("/dashboard/plotly.min.js")
+    async def plotly(request: Request) -> Response:
+        check(request)
+        raw, packed = await asyncio.to_thread(plotly_js)
+        # the page asks for ?v=<plotly version>, so an upgrade is a new URL and a year's caching is safe
+        headers = {"Cache-Control": "private, max-age=31536000, immutable", "Vary": "Accept-Encoding"}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return Response(
+                packed, media_type="application/javascript", headers={**headers, "Content-Encoding": "gzip"}
+            )
+        return Response(raw, media_type="application/javascript", headers=headers)
 
     @app.get("/dashboard/data")
     async def data(request: Request) -> JSONResponse:
         check(request)
-        return JSONResponse(await asyncio.to_thread(dashboard_data, settings))
+        return JSONResponse(await asyncio.to_thread(dashboard_data, settings), headers={"Cache-Control": "no-store"})
 
 
 def build_dashboard_app(settings: Settings) -> FastAPI:

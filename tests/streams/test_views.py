@@ -10,7 +10,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -208,73 +207,56 @@ def test_report_json_csv_and_table(pipeline) -> None:
 
 
 def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_path: Path) -> None:
-    """Debian's chromium loads the dashboard (no network besides it), the chart points match the views, and a
-    screenshot is saved with the test's output."""
-    import re
-    import shutil
-    import subprocess
-    import threading
-    import time
-
-    import uvicorn
+    """Debian's chromium signs in and loads the dashboard from the dashboard server alone (plotly.js included,
+    under its Content-Security-Policy): one reward panel per task type with its interval band and the adapter
+    markers, the numbers behind it matching the planted data, the tables filled; a screenshot is saved with the
+    test's output."""
+    from fastapi.testclient import TestClient
 
     from serving.dashboard import build_dashboard_app
     from taoflow.report import bucket_width
+    from tests.serving.test_dashboard import plots, render, traces
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium is installed by `make test` (apt); run `make test` or install it"
     data, planted = pipeline
     settings = Settings(overrides={"core": {"data_dir": data}, "serve": {"admin_keys": ["sk-admin"]}})
-    port = free_port()
-    app = build_dashboard_app(settings)
-
-    async def sign_in() -> Any:
-        # a person signs in with the form (the key never goes in a URL); chromium's command line can only load a
-        # URL, so a same-origin page fills the form in and submits it, and the session cookie does the rest
-        from fastapi.responses import HTMLResponse
-
-        return HTMLResponse('<form method="post" action="/dashboard/login"><input name="key" value="sk-admin">'
-                            "</form><script>document.forms[0].submit()</script>")  # fmt: skip
-
-    app.add_api_route("/test-sign-in", sign_in, methods=["GET"])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        import httpx
-
-        base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/dashboard/data").status_code == 401  # admin scope
-        assert httpx.get(f"{base}/dashboard?key=sk-admin").status_code == 400  # keys never travel in URLs
-        url = f"{base}/test-sign-in"
-        args = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--virtual-time-budget=15000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
-        dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-        shot = tmp_path / "dashboard.png"
-        subprocess.run([*args, f"--screenshot={shot}", "--window-size=1280,2200", url], capture_output=True,
-                       timeout=120)  # fmt: skip
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with TestClient(build_dashboard_app(settings)) as client:
+        assert client.get("/dashboard/data").status_code == 401  # admin scope
+        assert client.get("/dashboard?key=sk-admin").status_code == 400  # keys never travel in URLs
+        doc = client.get("/dashboard/data", headers={"Authorization": "Bearer sk-admin"}).json()
+    dom, log, shot = render(build_dashboard_app(settings), tmp_path, key="sk-admin")
     assert 'data-loaded="1"' in dom, dom[-2000:]
-    points = re.findall(r'<circle [^>]*data-series="([^"]+)" data-x="([^"]+)" data-y="([^"]+)"', dom)
-    reward_points = [(s, x, float(y)) for s, x, y in points if s in ("base", "ad1")]
-    # independently: mean final reward per adapter per bucket, with the dashboard's bucket width
+    assert "Content Security Policy" not in log and "Uncaught" not in log, log[-2000:]
+    # the numbers: mean final reward, n and 95% interval per task type, adapter and bucket, computed here
     final = final_rewards(planted)
     first, last = min(r["final_ts"] for r in final), max(r["final_ts"] for r in final)
     width = bucket_width(first.isoformat(), last.isoformat(), 60)  # the dashboard's bucket count
+    assert doc["bucket_seconds"] == width
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in final:
         start = datetime.fromtimestamp(r["final_ts"].timestamp() // width * width, UTC)
-        groups[(r["adapter"] or "base", start)].append(r["reward"])
-    assert len(reward_points) == len(groups)
-    for series, x, y in reward_points:
-        vals = groups[(series, datetime.fromisoformat(x).astimezone(UTC))]
-        assert y == pytest.approx(sum(vals) / len(vals))
-    kinds = re.findall(r'<line [^>]*data-kind="([a-z_]+)"', dom)
-    assert kinds.count("published") >= 2 and kinds.count("promoted") >= 2  # on the reward and utility charts
+        groups[(r["task_type"], r["adapter"] or "base", start)].append(r["reward"])
+    drawn = [(p["task_type"], s["name"], q) for p in doc["reward_panels"] for s in p["series"] for q in s["points"]]
+    assert len([d for d in drawn if d[2]["y"] is not None]) == len(groups)
+    for task, adapter, point in drawn:
+        if point["y"] is None:
+            continue
+        vals = groups[(task, adapter, datetime.fromisoformat(point["x"]).astimezone(UTC))]
+        mean = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        assert (point["n"], point["y"]) == (len(vals), pytest.approx(mean))
+        assert point["ci_low"] == pytest.approx(mean - 1.96 * sd / math.sqrt(len(vals)))
+    # the drawing: a plot per task type (reward, then utilities), each with a line and a band per adapter, a point
+    # per bucket, and the published and promoted markers
+    panels = plots(dom)
+    assert sorted(p["task_type"] for p in doc["reward_panels"]) == ["code", "qa"]
+    assert sorted(panels) == ["code", "qa"] and sorted(plots(dom, "utilities")) == ["code", "qa"]
+    for panel in doc["reward_panels"]:
+        drawn_traces = traces(panels[panel["task_type"]])
+        buckets = [sum(q["y"] is not None for q in s["points"]) for s in panel["series"]]
+        assert [t["points"] for t in drawn_traces if t["points"]] == buckets
+        assert len([t for t in drawn_traces if t["fill"]]) == len(panel["series"])
+        assert [t["symbols"] for t in drawn_traces if t["symbols"]] == [1, 1]  # published, promoted
+        assert f"{panel['task_type']} · " in dom  # the panel's title
     assert "gated_out" in dom and "operator_leaderboard" not in dom  # the rounds table is filled
     assert "lander consumer lag: 0 records" in dom
     assert shot.exists() and shot.stat().st_size > 10_000
