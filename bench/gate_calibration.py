@@ -115,7 +115,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--lineages", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores thrashes)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("learners").setLevel(logging.ERROR)
     t0 = time.perf_counter()
