@@ -215,6 +215,10 @@ def patch_faust_offset_jumps() -> None:
             log.warning("%s: got offset %d where %d was next (a stale fetch); re-reading from %d", tp, off, exp, exp)
             await self.seek(tp, exp)
 
+    # the originals stay reachable (`inspect.unwrap`), so the contract test checks faust's own code, patched or not
+    getmany.__wrapped__ = original_getmany  # type: ignore[attr-defined]
+    perform_seek.__wrapped__ = original_perform_seek  # type: ignore[attr-defined]
+    seek.__wrapped__ = original_seek  # type: ignore[attr-defined]
     Consumer.getmany = getmany  # type: ignore[method-assign]
     Consumer.perform_seek = perform_seek  # type: ignore[method-assign]
     Consumer.seek = seek  # type: ignore[method-assign]

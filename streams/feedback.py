@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from schemas import FeedbackEvent
-from streams.app import WorkerContext
+from streams.context import WorkerContext
 from streams.outbox import Outbox, table_rows
 from streams.scoring import apply_feedback, position, refusal
 from streams.sessions import send_feedback

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from schemas import InteractionEvent, prompt_text
-from streams.app import WorkerContext
+from streams.context import WorkerContext
 from streams.expiry import dead_letter_parked
 from streams.outbox import Outbox, table_rows
 from streams.scoring import apply_feedback, new_state, position, refusal, replay_first_score, score

@@ -39,7 +39,6 @@ from taoflow.settings import Settings
 log = logging.getLogger(__name__)
 
 
-
 def _interaction_row(
     rows: list[tuple[Any, ...]], ev: FastInteraction | InteractionEvent, partition: int, offset: int
 ) -> None:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streams.compat import seek_epoch
+from streams.expiry import expire
 from streams.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,6 @@ class Lane:
 
     async def _expire(self) -> None:
         """Remove join state past its TTL (see `streams.expiry`); delivered in order like any batch."""
-        from streams.expiry import expire
 
         out = self.ctx.outbox()
         assigned = {(tp.topic, tp.partition) for tp in self.app.consumer.assignment()}
@@ -353,6 +353,8 @@ def patch_faust_drain() -> None:
                 return None
         return original_new_offset(self, tp)  # type: ignore[no-any-return]
 
+    _new_offset.__wrapped__ = original_new_offset  # type: ignore[attr-defined]
+    _drain_messages.__wrapped__ = original  # type: ignore[attr-defined]
     Consumer._new_offset = _new_offset  # type: ignore[method-assign]
     Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
     Consumer._taoflow_drain = True  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ import orjson
 
 from learners.actr import update_utility, utility_after
 from schemas.fast import utility_json
-from streams.app import WorkerContext
+from streams.context import WorkerContext
 from streams.outbox import Outbox, table_rows
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Any
 
 from learners.actr import discounted_reward
 from schemas.fast import score_json
-from streams.app import WorkerContext
+from streams.context import WorkerContext
 from streams.outbox import Outbox
 
 

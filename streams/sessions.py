@@ -32,7 +32,7 @@ import orjson
 
 from learners.actr import discounted_reward
 from schemas import SessionEvent
-from streams.app import WorkerContext
+from streams.context import WorkerContext
 from streams.expiry import dead_letter_parked
 from streams.outbox import Outbox, table_rows
 from streams.scoring import apply_feedback, position

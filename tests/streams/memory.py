@@ -16,7 +16,7 @@ import orjson
 from learners.rewards import CompositeScorer, build_scorer
 from schemas import topics as names
 from streams import feedback, interactions, lander, rewards, sessions, store
-from streams.app import WorkerContext
+from streams.context import WorkerContext
 from streams.topics import REWARDS_INTERNAL, SESSION_JOINS_INTERNAL, SESSIONS_INTERNAL, Topics
 from taoflow.settings import Settings
 from tests.streams.harness import SCORERS
