@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from kafka import KafkaProducer
 
-from learners.records import RecordSink
+from learners.records import RecordSink, file_owned
 from schemas import AdapterEvent
 from taoflow.broker import EmbeddedBroker
 from taoflow.cli import cli
@@ -65,7 +66,13 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
             planted["bad"] += 1
         producer.flush()
         settings = Settings(overrides={"core": {"data_dir": data}, "kafka": {"bootstrap": broker.bootstrap}})
+        # the learner's rows travel to the lander over Kafka once it owns the file (before, the learner writes the
+        # file itself): wait for it, so they are landed (and counted in its metrics) as in production
+        deadline = time.monotonic() + 120
+        while not file_owned(settings) and time.monotonic() < deadline:
+            time.sleep(0.2)
         with RecordSink(settings) as sink:
+            assert sink.via == "kafka"
             for k, (status, before, after) in enumerate((("gated_out", 0.3, 0.28), ("published", 0.3, 0.45))):
                 sink.write("tao_rounds", [{
                     "round_id": f"r{k}", "status": status, "stage": "gate" if k == 0 else "publish",
