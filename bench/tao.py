@@ -75,17 +75,17 @@ PASS_KS = (1, 2, 4, 8, 16, 32, 64)
 FULL = {
     "seeds": 5,
     "warm": 1500,
-    "train": 30,
-    "eval": 50,
-    "warm_steps": 500,
+    "train": 60,
+    "eval": 60,
+    "warm_steps": 2000,
     "hidden": 96,
     "layers": 3,
     "rounds": 1,
-    "steps": 16,
+    "steps": 40,
     "k": 8,
     "ks": (2, 4, 8, 16, 32, 64),
     "ks_seeds": 1,
-    "passk_eval": 20,
+    "passk_eval": 30,
 }
 QUICK = {"seeds": 1, "warm": 600, "train": 24, "eval": 30, "warm_steps": 100, "hidden": 64, "layers": 2,
          "rounds": 1, "steps": 4, "k": 4, "ks": (2, 4), "ks_seeds": 1, "passk_eval": 10}  # fmt: skip
