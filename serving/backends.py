@@ -24,6 +24,7 @@ import orjson
 from serving.exceptions import BackendDown, BadRequest
 from serving.upstream import Tally, Upstream, UpstreamError, reply_text
 from taoflow.exceptions import ConfigError
+from taoflow.lora import VLLM_LORA_RANKS, vllm_lora_rank
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,11 @@ class OpenAIBackend(Backend):
 
 class VllmBackend(OpenAIBackend):
     """A vLLM OpenAI-compatible server, attached by URL or launched here: the openai backend plus runtime LoRA
-    loading (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`; needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)."""
+    loading (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`; needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1).
+
+    Loading is idempotent: an adapter the server already has from the same path (loaded before this gateway
+    started, or by another replica) is adopted, not loaded again. Only adapters the gateway asks for are ever
+    unloaded, and `close` unloads none, so a restarted gateway finds its canary and incumbent still resident."""
 
     name = "vllm"
 
@@ -434,11 +439,24 @@ class VllmBackend(OpenAIBackend):
         port: int = 8100,
         api_key: str | None = None,
         timeout_s: float = 300.0,
+        served_model_name: str | None = None,
+        max_loras: int = 4,
+        max_cpu_loras: int | None = None,
+        max_lora_rank: int = 64,
+        start_timeout_s: float | None = None,
     ) -> None:
-        super().__init__(base_model, url, api_key=api_key, timeout_s=timeout_s, port=port)
+        super().__init__(base_model, url, api_key=api_key, model=served_model_name, timeout_s=timeout_s, port=port)
         self.api_key = api_key
         self.launch = launch
         self.port = port
+        # checked here, so a bad combination fails when the gateway is built, not minutes into vLLM's start-up
+        self.command = vllm_serve_command(
+            base_model, port=port, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+            served_model_name=served_model_name,
+        )  # fmt: skip
+        # attached without a limit: one look (tests, a server that is up); the gateway's settings pass one
+        self.start_timeout_s = (900.0 if launch else 0.0) if start_timeout_s is None else start_timeout_s
+        self.served: dict[str, str] = {}  # LoRA adapters the server reports loaded: name -> path (its `root`)
         self.proc: Any = None
 
     async def start(self) -> None:
@@ -450,34 +468,135 @@ class VllmBackend(OpenAIBackend):
             env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
             if self.api_key:
                 env["VLLM_API_KEY"] = self.api_key  # not --api-key: a command line is visible to every local user
-            cmd = ["vllm", "serve", self.base_model, "--enable-lora", "--port", str(self.port), "--max-lora-rank", "64"]
             try:
-                self.proc = subprocess.Popen(cmd, env=env)
+                self.proc = subprocess.Popen(self.command, env=env)
             except FileNotFoundError:
                 raise BackendDown("vLLM is not installed: pip install 'taoflow[gpu]'") from None
-            deadline = time.monotonic() + 900
+        if self.launch or self.start_timeout_s > 0:
+            deadline = time.monotonic() + self.start_timeout_s
             while not await self.health():
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise BackendDown(f"vLLM did not come up on {self.url}")
-                await asyncio.sleep(2)
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise BackendDown(f"vLLM exited with status {self.proc.returncode} before it served {self.url}")
+                if time.monotonic() > deadline:
+                    raise BackendDown(
+                        f"vLLM did not answer on {self.url} within {self.start_timeout_s:g} s; check the server "
+                        "or raise TAOFLOW_SERVE_VLLM_START_TIMEOUT_S"
+                    )
+                await asyncio.sleep(0.5)
+        try:
+            await self._survey(check_base=True)
+        except UpstreamError as exc:  # not up (attached, no wait): adapters are reconciled as they are loaded
+            log.warning("could not list what the vLLM server at %s has loaded: %s", self.url, exc)
 
     async def close(self) -> None:
         await super().close()
         if self.proc is not None:
             self.proc.terminate()
+            try:
+                await asyncio.to_thread(self.proc.wait, 60)
+            except Exception:
+                self.proc.kill()
+
+    async def _survey(self, *, check_base: bool = False) -> None:
+        """Read `GET /v1/models`: vLLM lists each LoRA adapter as a model with a `parent` (the base model) and its
+        path as `root`; the base model has no parent."""
+        try:
+            resp = await self.api._http().get("/models")
+        except httpx.HTTPError as exc:
+            raise self.api.failure(exc) from None
+        if resp.status_code >= 400:
+            raise self.api.refused(resp.status_code, resp.content)
+        try:
+            doc = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+            raise UpstreamError(f"the upstream at {self.url} sent a model list without data", status=502,
+                                code="upstream_error")  # fmt: skip
+        cards = [c for c in doc["data"] if isinstance(c, dict)]
+        self.served = {str(c["id"]): str(c.get("root")) for c in cards if c.get("parent") and c.get("id")}
+        bases = [str(c.get("id")) for c in cards if not c.get("parent")]
+        if check_base and self.model not in bases:
+            raise ConfigError(
+                f"the vLLM server at {self.url} serves {bases}, not {self.model!r}: set "
+                "TAOFLOW_SERVE_VLLM_SERVED_MODEL_NAME to its --served-model-name (or TAOFLOW_BASE_MODEL to its model)"
+            )
+        if self.served:
+            log.info("the vLLM server at %s has LoRA adapters loaded: %s", self.url, sorted(self.served))
 
     async def load_adapter(self, name: str, path: str) -> None:
         if name in self.adapters:
             return
-        await self.api.post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        for attempt in range(2):
+            have = self.served.get(name)
+            if have == path:
+                log.info("adapter %s is already loaded on the vLLM server from %s: adopted", name, path)
+                break
+            if have is not None:  # the name holds weights from elsewhere: replace them with the verified ones
+                log.warning("vLLM serves adapter %s from %s, not %s: reloading it", name, have, path)
+                await self._drop(name)
+            try:
+                await self.api.post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
+                break
+            except UpstreamError as exc:
+                if attempt or not _already_loaded(exc):
+                    raise
+                await self._survey()  # loaded since we looked (another replica): look again, then adopt or replace
+        self.served[name] = path
         self.adapters[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             return
         await self.refs.idle(name)
-        await self.api.post("/unload_lora_adapter", {"lora_name": name})
+        await self._drop(name)
         del self.adapters[name]
+
+    async def _drop(self, name: str) -> None:
+        """Unload `name` from the server; one it no longer has (another replica unloaded it) is as good."""
+        try:
+            await self.api.post("/unload_lora_adapter", {"lora_name": name})
+        except UpstreamError as exc:
+            if exc.status != 404:
+                raise
+        self.served.pop(name, None)
+
+
+def _already_loaded(exc: UpstreamError) -> bool:
+    """vLLM's answer to loading a name it has: 400 "The lora adapter 'x' has already been loaded." (the message is
+    in `error.message` since vLLM 0.10, at the top level before)."""
+    return exc.status == 400 and "has already been loaded" in f"{exc.error.get('message')} {exc}"
+
+
+def vllm_serve_command(
+    base_model: str,
+    *,
+    port: int,
+    max_loras: int,
+    max_lora_rank: int,
+    max_cpu_loras: int | None = None,
+    served_model_name: str | None = None,
+) -> list[str]:
+    """The `vllm serve` command of a launched server (its key travels in VLLM_API_KEY, which vLLM reads as its
+    --api-key, so it stays out of the process list).
+
+    >>> vllm_serve_command("m", port=8100, max_loras=4, max_lora_rank=16)
+    ['vllm', 'serve', 'm', '--port', '8100', '--enable-lora', '--max-loras', '4', '--max-lora-rank', '16']
+    """
+    if max_lora_rank not in VLLM_LORA_RANKS:
+        raise ConfigError(f"vLLM accepts --max-lora-rank {list(VLLM_LORA_RANKS)}, not {max_lora_rank}")
+    if max_cpu_loras is not None and max_cpu_loras < max_loras:
+        raise ConfigError(
+            f"TAOFLOW_SERVE_VLLM_MAX_CPU_LORAS ({max_cpu_loras}) must be at least TAOFLOW_SERVE_VLLM_MAX_LORAS "
+            f"({max_loras}): vLLM refuses to start otherwise"
+        )
+    cmd = ["vllm", "serve", base_model, "--port", str(port), "--enable-lora", "--max-loras", str(max_loras),
+           "--max-lora-rank", str(max_lora_rank)]  # fmt: skip
+    if max_cpu_loras is not None:
+        cmd += ["--max-cpu-loras", str(max_cpu_loras)]
+    if served_model_name:
+        cmd += ["--served-model-name", served_model_name]
+    return cmd
 
 
 def build_backend(settings: Any) -> Backend:
@@ -500,6 +619,11 @@ def build_backend(settings: Any) -> Backend:
     base = default_base_model(settings)
     if cfg.backend == "vllm":
         key = cfg.vllm_api_key.get_secret_value() if cfg.vllm_api_key else None
-        return VllmBackend(base, cfg.vllm_url, launch=cfg.vllm_launch, api_key=key, timeout_s=cfg.upstream_timeout_s)
+        rank = cfg.vllm_max_lora_rank or vllm_lora_rank(settings.learner.lora_r)
+        return VllmBackend(
+            base, cfg.vllm_url, launch=cfg.vllm_launch, api_key=key, timeout_s=cfg.upstream_timeout_s,
+            served_model_name=cfg.vllm_served_model_name, max_loras=cfg.vllm_max_loras,
+            max_cpu_loras=cfg.vllm_max_cpu_loras, max_lora_rank=rank, start_timeout_s=cfg.vllm_start_timeout_s,
+        )  # fmt: skip
     check_model(base)
     return TransformersBackend(base, cfg.device)

@@ -400,6 +400,27 @@ class ServeSettings(_Component):
     vllm_api_key: SecretStr | None = Field(
         default=None, description="bearer key of the vLLM server (its VLLM_API_KEY / --api-key)"
     )
+    # how a launched vLLM server is started (`vllm serve` flags); an attached one must be started with the same
+    vllm_max_loras: int = Field(
+        default=4, ge=1, description="adapters vLLM keeps on the GPU at once (--max-loras): canary, incumbent and a "
+        "watched predecessor stay resident instead of reloading from disk on every switch",
+    )  # fmt: skip
+    vllm_max_cpu_loras: int | None = Field(
+        default=None, ge=1, description="adapters vLLM caches in CPU memory (--max-cpu-loras, at least "
+        "vllm_max_loras; default: vLLM's, equal to vllm_max_loras)",
+    )  # fmt: skip
+    vllm_max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        default=None, description="--max-lora-rank, one of the ranks vLLM accepts; default: the learner's "
+        "lora_r rounded up to one (taoflow.lora.vllm_lora_rank)",
+    )  # fmt: skip
+    vllm_served_model_name: str | None = Field(
+        default=None, description="the name vLLM serves the base model under (--served-model-name; default: the "
+        "base model's path or id)",
+    )  # fmt: skip
+    vllm_start_timeout_s: float = Field(
+        default=900.0, ge=0, description="how long start-up waits for the vLLM server (launched or attached) to "
+        "answer before the gateway gives up; 0: do not wait",
+    )  # fmt: skip
     metrics_keys: list[SecretStr] = Field(
         default_factory=list, description="bearer tokens that may read /metrics (admin keys may too)"
     )
