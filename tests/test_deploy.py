@@ -228,6 +228,52 @@ def test_vllm_requires_a_key_from_a_secret_that_the_gateway_sends() -> None:
     ]
 
 
+def options(argv: list[str]) -> dict[str, str | None]:
+    """The `--name value` options of a command line (None for a bare switch)."""
+    out: dict[str, str | None] = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            out[arg] = None if nxt is None or nxt.startswith("--") else nxt
+    return out
+
+
+def launch_options(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
+    """The options the gateway would start `vllm serve` with, under these TAOFLOW_* variables."""
+    from serving.backends import VllmBackend, build_backend
+
+    for key, value in env.items():
+        if key.startswith("TAOFLOW_") and isinstance(value, str):
+            monkeypatch.setenv(key, interpolate(value))
+    backend = build_backend(Settings(overrides={"serve": {"vllm_launch": True}}))
+    for key in list(os.environ):
+        if key.startswith("TAOFLOW_"):
+            monkeypatch.delenv(key)
+    assert isinstance(backend, VllmBackend)
+    return {"--model": backend.command[2], **options(backend.command[3:])}
+
+
+def test_the_vllm_service_starts_as_the_gateway_would_launch_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --max-loras, --max-cpu-loras, --served-model-name and --max-lora-rank (the learner's lora_r rounded up to a
+    # rank vLLM accepts): a server started otherwise reloads adapters on every switch or refuses the learner's
+    for args, envs in (
+        (compose("docker-compose.yml")["vllm"]["command"],
+         [compose("docker-compose.yml")[s]["environment"] for s in ("learner", "gateway")]),
+        (containers(k8s_docs())["vllm"]["args"],
+         [next(d for d in k8s_docs() if d["kind"] == "ConfigMap")["data"]]
+         + [{e["name"]: e.get("value") for e in containers(k8s_docs())[s].get("env", [])}
+            for s in ("learner", "gateway")]),
+    ):  # fmt: skip
+        want = launch_options({k: v for env in envs for k, v in env.items()}, monkeypatch)
+        have = options(args)
+        assert have.pop("--port") and want.pop("--port")  # the port is checked against the gateway's URL above
+        assert have.pop("--max-cpu-loras", None) in (None, *[str(n) for n in range(int(want["--max-loras"] or 1), 65)])
+        # unnamed, vLLM serves the base model under its --model, which is the name the gateway asks for
+        assert have.pop("--served-model-name", have["--model"]) == want.pop("--served-model-name", want["--model"])
+        assert have == want
+        assert "--api-key" not in args  # the key travels in VLLM_API_KEY
+
+
 def test_network_policies_deny_by_default_and_allow_each_declared_port_narrowly() -> None:
     docs = k8s_docs()
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
