@@ -115,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--lineages", type=int, default=400)
+    ap.add_argument("--statistics-only", action="store_true", help="skip the rounds through the learner")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores thrashes)")
     args = ap.parse_args()
     import torch
@@ -125,12 +126,14 @@ def main() -> None:
     t0 = time.perf_counter()
     alpha = 0.1  # 1 - gate_confidence (the default 0.9)
     results = {}
+    settings = [("served", False, "basel"), ("independent", True, "basel"), ("unspent", True, "none")]
     with tempfile.TemporaryDirectory(prefix="taoflow-bench-gate-") as tmp:
         root = Path(tmp)
-        base = make_warm_model(root / "warm", steps=200, examples=60)
         prompts = arithmetic_prompts(60, seed=5)
-        for label, independent, spending in (("served", False, "basel"), ("independent", True, "basel"),
-                                             ("unspent", True, "none")):  # fmt: skip
+        for label, independent, spending in [] if args.statistics_only else settings:
+            base = root / "warm"
+            if not base.exists():
+                make_warm_model(base, steps=200, examples=60)
             results[label] = lineage(root / label, base, prompts, rounds=args.rounds, independent=independent,
                                      spending=spending, label=label)  # fmt: skip
     sim = simulated(args.lineages, args.rounds, alpha, n=18, samples=4, seed=1)
