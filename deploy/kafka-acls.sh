@@ -53,7 +53,8 @@ D=taoflow.dead-letters R=taoflow.learner.records X=taoflow.sessions
 # the workers' internal repartition topics (rewards by operator, session steps by session, session joins by step)
 W=taoflow.worker.rewards Y=taoflow.worker.sessions J=taoflow.worker.session-joins
 
-for t in "$I" "$F" "$S" "$A" "$D" "$R" "$X" "$W" "$Y" "$J"; do topic "$t" "$PARTITIONS"; done
+for t in "$I" "$F" "$S" "$D" "$R" "$X" "$W" "$Y" "$J"; do topic "$t" "$PARTITIONS"; done
+topic "$A" 1  # the adapter lifecycle: every gateway replays it in order
 topic "$U" 1 --config cleanup.policy=compact
 
 # agents: produce events, nothing else

@@ -15,3 +15,5 @@ LEARNER_RECORDS = "taoflow.learner.records"
 ALL_TOPICS = (INTERACTIONS, FEEDBACK, SCORES, UTILITIES, ADAPTERS, DEAD_LETTERS, SESSIONS)
 INTERNAL_TOPICS = (LEARNER_RECORDS,)
 COMPACTED_TOPICS = frozenset({UTILITIES})
+# read whole by every gateway, in order: the adapter lifecycle is a handful of events, one partition keeps their order
+SINGLE_PARTITION_TOPICS = frozenset({ADAPTERS})

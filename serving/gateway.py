@@ -315,16 +315,26 @@ class Gateway:
             ends = await consumer.end_offsets(tps)
             pending = {tp for tp, end in ends.items() if end > 0}
             live = not pending
+            # adapter events replayed in the order they happened: keyed by adapter name, the events of different
+            # adapters sit on different partitions of a topic with several, and a partition-by-partition replay
+            # could apply a later promotion before an earlier publication (and lose the canary)
+            history: list[tuple[float, int, int, Any]] = []
             if live:
                 await self._catch_up_done()
             while True:
                 batch = await consumer.getmany(timeout_ms=100, max_records=5000)
                 for tp, records in batch.items():
                     for rec in records:
-                        await self._on_record(rec, live)
+                        if not live and rec.topic == names.ADAPTERS:
+                            history.append((_event_time(rec), rec.partition, rec.offset, rec))
+                        else:
+                            await self._on_record(rec, live)
                     if not live and records and records[-1].offset + 1 >= ends[tp]:
                         pending.discard(tp)
                 if not live and (not pending or all([await self._reached(consumer, tp, ends[tp]) for tp in pending])):
+                    for *_, rec in sorted(history, key=lambda h: h[:3]):
+                        await self._on_record(rec, False)
+                    history.clear()
                     live = True
                     await self._catch_up_done()
         except asyncio.CancelledError:
@@ -554,6 +564,15 @@ class Gateway:
             log.exception("interaction %s not captured", call.iid)
         self.metrics.tokens.labels("prompt").inc(gen.prompt_tokens)
         self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+
+
+def _event_time(rec: Any) -> float:
+    """When an adapter event happened: its `ts`, else the record's timestamp (a record that does not parse is
+    skipped when applied)."""
+    try:
+        return float(parse_event(AdapterEvent, rec.value).ts.timestamp())
+    except Exception:
+        return float(rec.timestamp or 0) / 1000
 
 
 def _captured_message(m: _Message) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from schemas.topics import ALL_TOPICS, COMPACTED_TOPICS, INTERNAL_TOPICS
+from schemas.topics import ALL_TOPICS, COMPACTED_TOPICS, INTERNAL_TOPICS, SINGLE_PARTITION_TOPICS
 from taoflow.exceptions import BrokerError
 from taoflow.settings import BrokerSettings, Settings
 
@@ -105,7 +105,7 @@ def ensure_topics(settings: Settings, partitions: int | None = None) -> list[str
         wanted = [
             NewTopic(
                 name,
-                1 if name in COMPACTED_TOPICS else parts,
+                1 if name in COMPACTED_TOPICS or name in SINGLE_PARTITION_TOPICS else parts,
                 1,
                 topic_configs={"cleanup.policy": "compact"} if name in COMPACTED_TOPICS else {},
             )

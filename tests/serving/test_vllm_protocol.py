@@ -169,20 +169,35 @@ def _wait(pred: Any, timeout: float = 60) -> None:
 
 
 @pytest.fixture
-def ordered_broker() -> Iterator[EmbeddedBroker]:
-    """A broker of its own with one partition per topic: adapter events of different adapters replay in the order
-    they were sent (across partitions the gateway's replay may apply a later publish first; see the report)."""
-    b = EmbeddedBroker(Settings(overrides={"broker": {"port": free_port(), "partitions": 1}}))
-    b.start()
+def spread_broker() -> Iterator[EmbeddedBroker]:
+    """A broker of its own whose `taoflow.adapters` has 4 partitions (as a deployment made before it had one), so
+    the events of the two adapters below sit on different partitions, the canary's on a lower one than the
+    incumbent's: a partition-by-partition replay would apply the canary's publication before the incumbent's
+    publication and promotion. The gateway replays them in the order they happened."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.partitioner.default import murmur2
+
+    from taoflow.broker import ensure_topics
+
+    settings = Settings(overrides={"broker": {"port": free_port(), "partitions": 4}})
+    b = EmbeddedBroker(settings)
+    b.start(create_topics=False)
+    admin = KafkaAdminClient(bootstrap_servers=b.bootstrap)
+    admin.create_topics([NewTopic("taoflow.adapters", 4, 1)])
+    admin.close()
+    ensure_topics(Settings(overrides={"kafka": {"bootstrap": b.bootstrap}, "broker": {"partitions": 4}}))
+    part = {k: (murmur2(k.encode()) & 0x7FFFFFFF) % 4 for k in ("ad-inc", "ad-can")}
+    assert part["ad-can"] < part["ad-inc"], part
     yield b
     b.stop()
 
 
 @pytest.mark.broker
 def test_a_restarted_gateway_adopts_the_adapters_vllm_still_has_and_unloads_only_its_own(
-    fake_vllm: str, ordered_broker: EmbeddedBroker, tmp_path: Path
+    fake_vllm: str, spread_broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    fresh_broker = ordered_broker
+    fresh_broker = spread_broker
     paths = {name: str(make_adapter(tmp_path, name)) for name in ("ad-inc", "ad-can")}
     FakeVllm.loras["static-lora"] = "/elsewhere/static-lora"  # vLLM started with --lora-modules: not the gateway's
     settings = Settings(overrides={
