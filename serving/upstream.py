@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 
@@ -30,23 +31,34 @@ class UpstreamError(ServingError):
 
 
 class Upstream:
-    """One OpenAI-compatible server by URL, with its own key; connect and read are bounded so nothing hangs."""
+    """One OpenAI-compatible server by URL, with its own key; connect and read are bounded so nothing hangs.
+
+    Complete replies (`post`) go through aiohttp, streams through httpx: on the request path the gateway adds to
+    every call, httpx's client costs about 1.4 ms of CPU per request and aiohttp's about 0.3 ms (measured against
+    the same server), while httpx's line iteration and error types are what the streaming relay is built on."""
 
     def __init__(self, url: str, api_key: str | None, timeout_s: float) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
         self.client: httpx.AsyncClient | None = None
+        self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         # the client's own Authorization is never forwarded: the upstream sees only the operator's key
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        timeout = httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
+        connect = min(10.0, self.timeout_s)
+        timeout = httpx.Timeout(self.timeout_s, connect=connect)
         self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
+        # as httpx's: connecting bounded, then each read (no total: a long generation that keeps sending is fine)
+        bounds = aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=self.timeout_s)
+        self.session = aiohttp.ClientSession(headers=headers, timeout=bounds)
 
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+        if self.session is not None:
+            await self.session.close()
 
     def _http(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -62,6 +74,24 @@ class Upstream:
                 status=503, code="backend_unavailable",
             )  # fmt: skip
         if isinstance(exc, httpx.TimeoutException):
+            return UpstreamError(
+                f"the upstream at {self.url} did not answer within {self.timeout_s:g} s ({type(exc).__name__}); "
+                "raise TAOFLOW_SERVE_UPSTREAM_TIMEOUT_S or check the upstream",
+                status=504, code="upstream_timeout",
+            )  # fmt: skip
+        return UpstreamError(
+            f"the upstream at {self.url} broke the connection: {type(exc).__name__}: {exc}",
+            status=502, code="upstream_error",
+        )  # fmt: skip
+
+    def _failure(self, exc: aiohttp.ClientError | TimeoutError) -> UpstreamError:
+        """`failure` for aiohttp's errors."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return UpstreamError(
+                f"the upstream at {self.url} is unreachable: {exc}; check that it runs and TAOFLOW_SERVE_UPSTREAM_URL",
+                status=503, code="backend_unavailable",
+            )  # fmt: skip
+        if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError and ConnectionTimeoutError are ones too
             return UpstreamError(
                 f"the upstream at {self.url} did not answer within {self.timeout_s:g} s ({type(exc).__name__}); "
                 "raise TAOFLOW_SERVE_UPSTREAM_TIMEOUT_S or check the upstream",
@@ -90,17 +120,20 @@ class Upstream:
 
     async def post(self, path: str, body: dict[str, Any]) -> Any:
         """POST `body`; the JSON reply ({} for a non-JSON success, e.g. vLLM's LoRA endpoints)."""
+        if self.session is None:
+            raise ServingError("the upstream client is not started (Backend.start() was not awaited)")
         try:
-            resp = await self._http().post(path, content=orjson.dumps(body),
-                                           headers={"Content-Type": "application/json"})  # fmt: skip
-        except httpx.HTTPError as exc:
-            raise self.failure(exc) from None
-        if resp.status_code >= 400:
-            raise self.refused(resp.status_code, resp.content)
-        if not resp.content or not resp.headers.get("content-type", "").startswith("application/json"):
+            async with self.session.post(self.url + path, data=orjson.dumps(body),
+                                         headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
+                status, kind, content = resp.status, resp.headers.get("content-type", ""), await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failure(exc) from None
+        if status >= 400:
+            raise self.refused(status, content)
+        if not content or not kind.startswith("application/json"):
             return {}
         try:
-            return orjson.loads(resp.content)
+            return orjson.loads(content)
         except orjson.JSONDecodeError:
             raise UpstreamError(f"the upstream at {self.url} sent invalid JSON", status=502,
                                 code="upstream_error") from None  # fmt: skip
