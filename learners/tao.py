@@ -41,6 +41,7 @@ from learners.records import RecordSink
 from learners.rewards.composite import CompositeScorer
 from learners.rewards.registry import build_scorer
 from schemas import AdapterEvent
+from taoflow.lora import vllm_lora_rank
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -569,7 +570,11 @@ class Round:
         if self.cfg.backend == "vllm":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
             return VllmGenerator(
-                self.base_model, adapter=adapter, max_lora_rank=max(8, self.cfg.lora_r), dtype=dtype, seed=self.seed
+                self.base_model,
+                adapter=adapter,
+                max_lora_rank=vllm_lora_rank(self.cfg.lora_r),
+                dtype=dtype,
+                seed=self.seed,
             )
         model, tok = load_policy(self.base_model, adapter, device=self.device, dtype=self.dtype)
         return TransformersGenerator(model, tok, batch_size=self.cfg.generation_batch_size, seed=self.seed)
@@ -761,6 +766,8 @@ class Round:
             greedy=greedy,
             progress=self.reporter.advance,
         )
+        # the gate's sampling is compute the round spends too (budgets compare it across arms)
+        self.metrics["gate_generated_tokens"] = self.metrics.get("gate_generated_tokens", 0.0) + float(gen.tokens)
         del gen
         gc.collect()
         return results
@@ -831,12 +838,21 @@ class Round:
             "trl_overrides": dict(self.cfg.trl),
             "seed": self.seed,
             "libraries": lineage.library_versions(),
-            "gate": {"reason": d.get("gate_reason"), "temperature": self.cfg.gate_temperature,
-                     "top_p": self.cfg.gate_top_p, "samples": self.cfg.gate_samples,
-                     "max_new_tokens": self.cfg.max_new_tokens, "alpha": self.metrics.get("gate_alpha"),
-                     "round_index": self.metrics.get("gate_round_index")},
-            "prompts": {"trained": trained, "heldout": heldout, "trained_sha256": lineage.prompts_digest(trained),
-                        "heldout_sha256": lineage.prompts_digest(heldout)},
+            "gate": {
+                "reason": d.get("gate_reason"),
+                "temperature": self.cfg.gate_temperature,
+                "top_p": self.cfg.gate_top_p,
+                "samples": self.cfg.gate_samples,
+                "max_new_tokens": self.cfg.max_new_tokens,
+                "alpha": self.metrics.get("gate_alpha"),
+                "round_index": self.metrics.get("gate_round_index"),
+            },
+            "prompts": {
+                "trained": trained,
+                "heldout": heldout,
+                "trained_sha256": lineage.prompts_digest(trained),
+                "heldout_sha256": lineage.prompts_digest(heldout),
+            },
             "metrics": self.metrics,
             "sha256": sha,
             "files": per_file,
