@@ -213,7 +213,7 @@ def tao_run(k: int | None, steps: int | None, mode: str | None) -> None:
     if result.error:
         click.echo(f"  {result.error}")
     if result.records:
-        click.echo(f"  rows: {result.records}; see them with taoflow sql \"SELECT * FROM round_history\"")
+        click.echo(f'  rows: {result.records}; see them with taoflow sql "SELECT * FROM round_history"')
     shown = ("prompts_selected", "prompts_informative", "prompts_uniform_skipped", "best_of_k_reward",
              "heldout_reward_current", "heldout_reward_new", "gain", "gain_lcb", "generation_tokens_per_s")  # fmt: skip
     for key in shown:
@@ -443,8 +443,12 @@ def knowledge_export(file: Path) -> None:
 @knowledge.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--adapter", default=None, help="Seed the strategies on this adapter (default: the base model).")
-@click.option("--discount", type=float, default=None,
-              help="Share of exported rewards kept as evidence (default TAOFLOW_STREAM_KNOWLEDGE_DISCOUNT).")
+@click.option(
+    "--discount",
+    type=float,
+    default=None,
+    help="Share of exported rewards kept as evidence (default TAOFLOW_STREAM_KNOWLEDGE_DISCOUNT).",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be seeded; send nothing.")
 def knowledge_import(file: Path, adapter: str | None, discount: float | None, dry_run: bool) -> None:
     """Seed this deployment's utilities from FILE: the stream worker applies each seed once (importing a file

@@ -207,8 +207,10 @@ def run_demo(settings: Settings, *, events: int = 1600, seed: int = 0, log: Any 
         say(f"phase 1: {first} requests through the gateway (math: verifier; support: user feedback)")
         agents.run(first)
         _wait(lambda: count("SELECT count(*) FROM interactions") >= agents.sent, 120, "the interactions to land")
-        say("phase 2: a TAO round on the math prompts the stream landed (prompts only, no labels); in this drill the "
-            "gate reports its verdict and publishes anyway, so that the release test decides on live traffic")
+        say(
+            "phase 2: a TAO round on the math prompts the stream landed (prompts only, no labels); in this drill the "
+            "gate reports its verdict and publishes anyway, so that the release test decides on live traffic"
+        )
         for _ in range(3):
             r = run_round(s)
             result.rounds.append(r)

@@ -19,4 +19,3 @@ class SpoolError(TaoflowError):
 
 class SpoolFullError(SpoolError):
     """The spool reached its size bound and the policy is `error`."""
-

@@ -74,7 +74,8 @@ def export_knowledge(settings: Settings) -> KnowledgeFile:
         export_id=uuid.uuid4().hex,
         exported_at=datetime.now(UTC),
         learned_on=LearnedOn(
-            base_model=settings.core.base_model, alpha=settings.stream.alpha,
+            base_model=settings.core.base_model,
+            alpha=settings.stream.alpha,
             initial_utility=settings.stream.initial_utility,
         ),
         operators={task: [strategy_of(s) for s in specs] for task, specs in settings.serve.operators.items()},
@@ -265,4 +266,3 @@ async def _send(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:
                              "importing again is safe: each seed counts once") from None  # fmt: skip
     finally:
         await producer.stop()
-

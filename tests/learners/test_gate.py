@@ -29,8 +29,10 @@ def test_prompts_that_differ_only_by_ids_spacing_or_case_share_a_side() -> None:
 
 
 def test_nothing_near_a_heldout_prompt_is_trained_on() -> None:
-    long = ("please check the delivery status of the parcel that was shipped to paris last week for customer {} "
-            "and tell me when it will arrive at the address we gave you, thanks")
+    long = (
+        "please check the delivery status of the parcel that was shipped to paris last week for customer {} "
+        "and tell me when it will arrive at the address we gave you, thanks"
+    )
     near = [long.format(n) for n in ("12", "13", "14")]  # short numbers are content: distinct questions, near texts
     far = [f"what is the capital of country number {i} in the list" + " and more" * (i % 3) for i in range(30)]
     prompts = near + far

@@ -385,4 +385,3 @@ def test_config_masks_passwords_in_urls(monkeypatch: pytest.MonkeyPatch, var: st
         result = CliRunner().invoke(cli, ["config", "--format", fmt])
         assert result.exit_code == 0, result.output
         assert "hunter2pw" not in result.output and url.split(":hunter2pw")[0] + ":**********@" in result.output
-

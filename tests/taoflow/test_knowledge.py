@@ -151,8 +151,10 @@ def test_an_import_never_overrides_what_the_deployment_learned_itself(tmp_path: 
     b, _ = deployment(tmp_path, "model-b")
     learn(b, "math", {"verify@base": [0.3] * 5}, "own")
     own = b.sql("SELECT utility, n, imported FROM utilities WHERE operator = 'verify@base'")
-    seeds = [knowledge.Seed("math", "verify@base", 0.95, 8, 80, ("verify@base",)),
-             knowledge.Seed("math", "reason@base", 0.95, 8, 80, ("reason@base",))]
+    seeds = [
+        knowledge.Seed("math", "verify@base", 0.95, 8, 80, ("verify@base",)),
+        knowledge.Seed("math", "reason@base", 0.95, 8, 80, ("reason@base",)),
+    ]
     published = apply_seeds(b, [s.record("e" * 32, NOW.timestamp()) for s in seeds])
     assert [u["operator"] for u in published] == ["reason@base"]
     assert b.ctx.counters["seeds_skipped"] == 1
