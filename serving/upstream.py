@@ -65,33 +65,16 @@ class Upstream:
             raise ServingError("the upstream client is not started (Backend.start() was not awaited)")
         return self.client
 
-    def failure(self, exc: httpx.HTTPError) -> UpstreamError:
-        """A transport failure as the gateway's error: 504 on a timeout, 503 when nothing listens (the backend
-        is down, as /healthz says too), 502 for a connection broken mid-answer."""
-        if isinstance(exc, httpx.ConnectError):
+    def failure(self, exc: httpx.HTTPError | aiohttp.ClientError | TimeoutError) -> UpstreamError:
+        """A transport failure (httpx's or aiohttp's) as the gateway's error: 504 on a timeout, 503 when nothing
+        listens (the backend is down, as /healthz says too), 502 for a connection broken mid-answer."""
+        if isinstance(exc, httpx.ConnectError | aiohttp.ClientConnectorError):
             return UpstreamError(
                 f"the upstream at {self.url} is unreachable: {exc}; check that it runs and TAOFLOW_SERVE_UPSTREAM_URL",
                 status=503, code="backend_unavailable",
             )  # fmt: skip
-        if isinstance(exc, httpx.TimeoutException):
-            return UpstreamError(
-                f"the upstream at {self.url} did not answer within {self.timeout_s:g} s ({type(exc).__name__}); "
-                "raise TAOFLOW_SERVE_UPSTREAM_TIMEOUT_S or check the upstream",
-                status=504, code="upstream_timeout",
-            )  # fmt: skip
-        return UpstreamError(
-            f"the upstream at {self.url} broke the connection: {type(exc).__name__}: {exc}",
-            status=502, code="upstream_error",
-        )  # fmt: skip
-
-    def _failure(self, exc: aiohttp.ClientError | TimeoutError) -> UpstreamError:
-        """`failure` for aiohttp's errors."""
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return UpstreamError(
-                f"the upstream at {self.url} is unreachable: {exc}; check that it runs and TAOFLOW_SERVE_UPSTREAM_URL",
-                status=503, code="backend_unavailable",
-            )  # fmt: skip
-        if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError and ConnectionTimeoutError are ones too
+        # aiohttp's ServerTimeoutError and ConnectionTimeoutError are TimeoutErrors too
+        if isinstance(exc, httpx.TimeoutException | TimeoutError):
             return UpstreamError(
                 f"the upstream at {self.url} did not answer within {self.timeout_s:g} s ({type(exc).__name__}); "
                 "raise TAOFLOW_SERVE_UPSTREAM_TIMEOUT_S or check the upstream",
@@ -127,7 +110,7 @@ class Upstream:
                                          headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
                 status, kind, content = resp.status, resp.headers.get("content-type", ""), await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._failure(exc) from None
+            raise self.failure(exc) from None
         if status >= 400:
             raise self.refused(status, content)
         if not content or not kind.startswith("application/json"):
