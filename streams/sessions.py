@@ -105,8 +105,9 @@ def _one(ctx: WorkerContext, out: Outbox, msg: Any, table: Any) -> None:
             ctx.count("duplicate_session_feedback")
             _replay(ctx, out, key, state)
             return
+        # as parked feedback is kept (`streams.expiry.dead_letter_parked` reads it): dead-lettered as it came
+        item = [rec["kind"], rec["v"], rec["ts"], rec["p"], rec["o"], rec["raw"], rec["c"]]
         if len(state["fid"]) >= ctx.cfg.max_feedback_per_interaction:
-            item = [rec["kind"], rec["v"], rec["ts"], rec["p"], rec["o"], rec["raw"], rec["c"]]
             dead_letter_parked(ctx, out, item, (
                 f"session {rec['sid']!r} already took {ctx.cfg.max_feedback_per_interaction} feedback events "
                 "(TAOFLOW_STREAM_MAX_FEEDBACK_PER_INTERACTION)"))  # fmt: skip
@@ -114,10 +115,7 @@ def _one(ctx: WorkerContext, out: Outbox, msg: Any, table: Any) -> None:
             return
         if not state["steps"]:
             # kept as it came until a step arrives: if none does within the join TTL, it goes to the dead letters
-            waiting = [
-                *state.get("pf", ()),
-                [rec["kind"], rec["v"], rec["ts"], rec["p"], rec["o"], rec["raw"], rec["c"]],
-            ]
+            waiting = [*state.get("pf", ()), item]
             if len(waiting) > ctx.cfg.max_parked_feedback:
                 dead_letter_parked(ctx, out, waiting[-1], (
                     f"too much feedback waiting for session {rec['sid']!r}, which has no step yet: {len(waiting)} "
