@@ -98,6 +98,20 @@ def test_parked_feedback_is_capped_per_interaction_in_count_and_bytes(worker: Wo
     assert max(sizes) < 200_000
 
 
+def test_session_feedback_waiting_for_a_first_step_is_capped_in_count_and_bytes(worker: Worker) -> None:
+    big = {"note": "x" * 30_000}
+    docs = [{"event_id": f"sf{i}", "session_id": "ghost", "ts": NOW.isoformat(), "kind": "thumbs", "value": 1.0,
+             "metadata": big} for i in range(6)]  # fmt: skip
+    worker.send_batch(names.FEEDBACK, docs)  # type: ignore[arg-type]
+    errors = dead(worker)
+    assert len(errors) == 3 and all("too much feedback waiting for session 'ghost'" in e for e in errors), errors
+    assert all("bytes" in e for e in errors)
+    [state] = worker.ctx.sessions.data.values()
+    assert len(state["pf"]) == 3
+    changelogs = [msgs for o in worker.outboxes for msgs in o.table_msgs.values()]
+    assert max(len(k or b"") + len(v or b"") for msgs in changelogs for k, v, _ in msgs) < 200_000
+
+
 def test_outputs_over_the_record_size_limit_are_dead_lettered_never_sent(worker: Worker) -> None:
     # an event over the size limit is dead-lettered with its bytes: a dead letter that would not fit is cut, and says so
     huge = orjson.dumps(interaction("huge", response="y" * 400_000))
