@@ -54,6 +54,7 @@ SESSION_TIMEOUT_S = 6.0
 INPUTS = ("taoflow.interactions", "taoflow.feedback")
 SCORERS = json.dumps([{"type": "python", "callable": "tests.streams.scorers:reward_from_metadata", "name": "planted"}])
 FAULTS = ("kill", "term", "stop", "join", "leave", "lander", "broker")
+STALL_S = 40.0  # settling with nothing landed for this long: the workers are asked for their stacks
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Report:
     utility_error: float = 0.0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    clues: list[str] = field(default_factory=list)  # of a failed run: the telling lines of its workers' logs
 
 
 # -- the world: broker, workers ------------------------------------------------------------------------------
@@ -277,6 +279,8 @@ def _read_all(c: Any, topic: str, quiet_s: float) -> list[Any]:
 
 
 def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
+    import duckdb
+
     from streams.sqlapi import query
 
     t0 = time.monotonic()
@@ -298,7 +302,7 @@ def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
     env.update(PYTHONPATH=str(ROOT), TAOFLOW_KAFKA_BOOTSTRAP=broker.bootstrap, TAOFLOW_DATA_DIR=str(data),
                TAOFLOW_STREAM_APP_ID=app_id, TAOFLOW_STREAM_SCORERS=SCORERS, TAOFLOW_STREAM_PARQUET_URL=str(lake),
                TAOFLOW_STREAM_SESSION_TIMEOUT_S=str(SESSION_TIMEOUT_S),
-               TAOFLOW_LOG_LEVEL=os.environ.get("TAOFLOW_TEST_WORKER_LOG_LEVEL", "WARNING"))  # fmt: skip
+               TAOFLOW_LOG_LEVEL=os.environ.get("TAOFLOW_TEST_WORKER_LOG_LEVEL", "INFO"))  # fmt: skip
     slots: list[Worker | None] = [None] * plan.workers
     retired: list[Worker] = []
 
@@ -370,14 +374,33 @@ def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
             raise RuntimeError(f"the producer failed: {producer.error!r}")
         if not any(w is not None and w.running for w in slots):
             spawn(0)
-        # settle: everything landed (or the settle time is up, and the checker says what is missing)
+        # settle: everything landed (or the settle time is up, and the checker says what is missing). Every table
+        # the checker reads is waited for: the lander's group may still be waiting out a killed lander's session,
+        # with some partitions landed and others not yet assigned to anyone alive
         cfg = Settings(overrides={"core": {"data_dir": data}})
         deadline = time.monotonic() + settle_s
+        want = (report.rewards, len(ops), len(ops) + len(with_feedback), len(with_feedback))
+        last: tuple[Any, ...] = ()
+        moved = time.monotonic()
+        dumped = False
         while time.monotonic() < deadline:
+            if not dumped and time.monotonic() - moved > STALL_S:
+                # nothing moved for a while: every live worker writes its threads' and tasks' stacks to its log
+                # (mode's SIGUSR1 handler), for the clues of a failed run
+                dumped = True
+                for w in slots:
+                    if w is not None and w.running and not w.paused:
+                        w.send(signal.SIGUSR1)
             try:
-                got = query("SELECT count(*) FROM utility_history", cfg).rows[0][0]
-                if got >= report.rewards:
+                got = query("SELECT (SELECT count(*) FROM utility_history), (SELECT count(*) FROM interactions), "
+                            "(SELECT count(*) FROM scores), (SELECT count(*) FROM feedback)", cfg).rows[0]  # fmt: skip
+                files = f"{lake}/interactions/**/*.parquet"
+                landed = duckdb.connect().execute(f"SELECT count(DISTINCT event_id) FROM read_parquet('{files}')"
+                                                  ).fetchone()  # fmt: skip
+                if all(g >= w for g, w in zip(got, want, strict=True)) and landed and landed[0] >= len(ops):
                     break
+                if (*got, landed) != last:
+                    last, moved = (*got, landed), time.monotonic()
             except Exception:
                 pass
             time.sleep(1)
@@ -393,7 +416,39 @@ def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
                 w.stop()
         broker.stop()
     report.seconds = time.monotonic() - t0
+    if not report.ok:
+        report.clues = clues(workdir)
     return report
+
+
+CLUES = ("resumes at", "dropped", "re-read", "jumped", "no progress", "never arrived", "do not exist", "ERROR",
+         "CRITICAL", "Traceback", "Error", "rebalanc", "Heartbeat", "standing by", "owns", "stopped after",
+         "Signal received", "from the beginning", "first record")  # fmt: skip
+
+
+def clues(workdir: Path, limit: int = 80, stack_lines: int = 300) -> list[str]:
+    """The lines of the workers' logs (in start order) that say where partitions resumed and what went wrong: a
+    failed run in CI, whose directory is gone, is diagnosed from these."""
+    out: list[str] = []
+    for log_file in sorted(workdir.glob("worker*.log"), key=lambda f: f.stat().st_mtime):
+        text = log_file.read_text(errors="replace")
+        lines = [ln.rstrip() for ln in text[: text.find("THREAD ") if "THREAD " in text else None].splitlines()]
+        stamp = ""
+        for n, line in enumerate(lines):
+            if line.startswith("[") and "]" in line[:12]:
+                stamp = line[1:9]
+            if any(c in line for c in CLUES):
+                tail = " ".join(x.strip() for x in lines[n + 1 : n + 4] if x.startswith(" " * 20))
+                out.append(f"{log_file.name} {stamp} {line.strip()} {tail}".strip()[:400])
+    out = out[-limit:]
+    for log_file in sorted(workdir.glob("worker*.log"), key=lambda f: f.stat().st_mtime):
+        text = log_file.read_text(errors="replace")
+        if "THREAD " in text:  # the stacks a stalled worker wrote when asked (see `run_once`)
+            lines = text[text.index("THREAD ") :].splitlines()
+            keep = [ln[:300] for n, ln in enumerate(lines) if ln.startswith(("THREAD ", "Stack for", '  File "'))
+                    or (n and lines[n - 1].startswith('  File "'))]  # fmt: skip
+            out += [f"{log_file.name} stacks:", *keep[:stack_lines]]
+    return out
 
 
 def check(report: Report, plan: Plan, bootstrap: str, cfg: Settings, lake: Path, ops: dict[str, str],
@@ -510,7 +565,7 @@ def main() -> None:
               f"{report.duplicated}, invariant violations {report.invariant_violations}", flush=True)  # fmt: skip
         if not report.ok:
             failed.append(seed)
-            print("    " + "\n    ".join(report.problems), flush=True)
+            print("    " + "\n    ".join(report.problems + report.clues), flush=True)
             print(f"    plan: {json.dumps(asdict(plan))}\n    logs: {workdir}  (replay: --replay {seed})", flush=True)
         elif not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

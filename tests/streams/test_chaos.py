@@ -21,6 +21,10 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 def test_no_loss_no_duplicates_under_randomized_faults(seed: int, tmp_path: Path) -> None:
     plan = chaos.Plan.draw(seed, events=1000, workers=3, duration_s=12.0, faults=3)
     report = chaos.run_once(plan, tmp_path)
-    assert report.ok, f"seed {seed}, faults {dict(report.faults)}: " + "; ".join(report.problems)
+    assert report.ok, (
+        f"seed {seed}, faults {dict(report.faults)}: "
+        + "; ".join(report.problems)
+        + ("\nfrom the workers' logs:\n" + "\n".join(report.clues))
+    )
     assert report.lost == report.duplicated == report.invariant_violations == 0
     assert report.utility_error <= 1e-9
