@@ -10,6 +10,7 @@ Apache Kafka both agree and nothing changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -18,43 +19,60 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def fetched_highwaters(
+PROBE_TIMEOUT_S = 5.0  # one probe of the fetch responses' high watermarks, start to stop
+PROBE_TRIES = 3
+
+
+async def fetched_highwaters(
     bootstrap: str,
     partitions: Iterable[Any],
     reported: Mapping[Any, int],
     security: dict[str, Any],
-    timeout: float = 5.0,
+    timeout: float = PROBE_TIMEOUT_S,
 ) -> dict[Any, int]:
     """The high watermark each partition's fetch response reports (never below `reported`).
 
-    Blocking (kafka-python, no consumer group): run it in an executor.
+    A consumer of its own (aiokafka, no group) on the caller's event loop; every step is bounded, so table
+    recovery, which waits on this, can never hang on it. A partition the probe got no answer for keeps the
+    broker's offset (with a warning; on Apache Kafka the two agree).
     """
-    from kafka import KafkaConsumer
-    from kafka import TopicPartition as KTP
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import KafkaError
+    from aiokafka.structs import TopicPartition as ATP
 
     tps = list(partitions)
     result = {tp: int(reported.get(tp) or 0) for tp in tps}
     if not tps:
         return result
-    probe = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **security)
-    try:
-        ktps = {KTP(tp.topic, tp.partition): tp for tp in tps}
-        probe.assign(list(ktps))
-        for ktp, tp in ktps.items():
-            probe.seek(ktp, max(0, result[tp] - 1))
-        pending = set(ktps)
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            probe.poll(timeout_ms=100, max_records=1)
-            for ktp in list(pending):
-                hw = probe.highwater(ktp)
-                if hw is not None:
-                    result[ktps[ktp]] = max(result[ktps[ktp]], hw)
-                    pending.discard(ktp)
-        if pending:
-            log.warning("no fetch answer for %d partitions' high watermarks; using the broker's offsets", len(pending))
-    finally:
-        probe.close()
+    pending = {ATP(tp.topic, tp.partition): tp for tp in tps}
+    for attempt in range(1, PROBE_TRIES + 1):
+        probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                 request_timeout_ms=int(timeout * 1000), **security)  # fmt: skip
+        try:
+            async with asyncio.timeout(timeout):
+                await probe.start()
+                probe.assign(list(pending))
+                for atp, tp in pending.items():
+                    probe.seek(atp, max(0, result[tp] - 1))
+                while pending:
+                    await probe.getmany(*pending, timeout_ms=100, max_records=1)
+                    for atp in list(pending):
+                        hw = probe.highwater(atp)
+                        if hw is not None:
+                            tp = pending.pop(atp)
+                            result[tp] = max(result[tp], hw)
+        except (TimeoutError, OSError, KafkaError) as exc:
+            log.info(
+                "high watermark probe %d/%d: %d partitions unanswered (%r)", attempt, PROBE_TRIES, len(pending), exc
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    await probe.stop()
+        if not pending:
+            break
+    if pending:
+        log.warning("no fetch answer for %d partitions' high watermarks; using the broker's offsets", len(pending))
     return result
 
 
@@ -70,8 +88,7 @@ def patch_faust_highwaters(bootstrap: str, security: dict[str, Any]) -> None:
         reported = await self.call_thread(self._highwaters, partitions)
         if self.consumer.in_transaction:
             return reported  # type: ignore[no-any-return]
-        loop = asyncio.get_running_loop()
-        true = await loop.run_in_executor(None, fetched_highwaters, bootstrap, partitions, reported, security)
+        true = await fetched_highwaters(bootstrap, partitions, reported, security)
         fixed = sum(1 for tp, hw in true.items() if hw != reported.get(tp))
         if fixed:
             log.info("corrected %d high watermarks the broker under-reported", fixed)
