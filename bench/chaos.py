@@ -24,6 +24,7 @@ partition's committed offset of the worker group never passed an interaction who
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -90,6 +91,7 @@ class Report:
     utility_error: float = 0.0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    committed: dict[int, int] = field(default_factory=dict)  # the worker group's, per partition, at the end
     clues: list[str] = field(default_factory=list)  # of a failed run: the telling lines of its workers' logs
 
 
@@ -214,36 +216,57 @@ class Producer(threading.Thread):
 
 
 class CommitWatch(threading.Thread):
-    """Samples the worker group's committed offsets of the interactions topic while the run goes on."""
+    """Samples the worker group's committed offsets of the interactions topic while the run goes on. A read that
+    fails is remembered (`last_error`) and a run that saw none fails: a watch that fails quietly checks nothing
+    (it did, for a while, when kafka-python 3 renamed its group APIs)."""
 
     def __init__(self, bootstrap: str, group: str) -> None:
         super().__init__(daemon=True)
         self.bootstrap, self.group = bootstrap, group
         self.samples: list[tuple[float, int, int]] = []  # (epoch ms when seen, partition, committed offset)
         self.halt = threading.Event()
+        self.last_error = ""
+        self._admin: Any = None
 
     def run(self) -> None:
+        while not self.halt.wait(0.5):
+            offsets = self.read()
+            if offsets is not None:
+                seen = time.time() * 1000
+                self.samples.extend((seen, p, off) for p, off in offsets.items())
+        self._close()
+
+    def read(self) -> dict[int, int] | None:
+        """The committed offset per interactions partition now (None when the broker did not answer)."""
         from kafka import KafkaAdminClient
 
-        admin = None
-        while not self.halt.wait(0.5):
-            try:
-                if admin is None:
-                    admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
-                offsets = admin.list_consumer_group_offsets(self.group)
-            except Exception:
-                # the broker may be paused: try again with a new client, and close this one (an abandoned client
-                # keeps reconnecting in the background, and logging, long after its broker is gone)
-                if admin is not None:
-                    admin.close()
-                admin = None
-                continue
-            seen = time.time() * 1000
-            for tp, meta in offsets.items():
-                if tp.topic == "taoflow.interactions" and meta.offset >= 0:
-                    self.samples.append((seen, tp.partition, meta.offset))
-        if admin is not None:
-            admin.close()
+        try:
+            if self._admin is None:
+                self._admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+            offsets = self._admin.list_group_offsets({self.group: None}).get(self.group, {})
+        except Exception as exc:
+            # the broker may be paused: try again with a new client, and close this one (an abandoned client
+            # keeps reconnecting in the background, and logging, long after its broker is gone)
+            self.last_error = repr(exc)
+            self._close()
+            return None
+        return {tp.partition: meta.offset for tp, meta in offsets.items()
+                if tp.topic == "taoflow.interactions" and meta.offset >= 0}  # fmt: skip
+
+    def _close(self) -> None:
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                self._admin.close()
+        self._admin = None
+
+    def final(self, tries: int = 5) -> dict[int, int] | None:
+        """The group's committed offsets once the run has settled (call after the thread ended; None: unreadable)."""
+        for _ in range(tries):
+            if (offsets := self.read()) is not None:
+                self._close()
+                return offsets
+            time.sleep(1)
+        return None
 
 
 def read_topic(bootstrap: str, topic: str, quiet_s: float = 3.0) -> list[Any]:
@@ -407,6 +430,14 @@ def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
         time.sleep(3)  # anything still in flight
         watch.halt.set()
         watch.join(10)
+        final = watch.final()
+        if final is None:
+            report.problems.append(
+                f"the worker group's committed offsets could not be read at the end: {watch.last_error}"
+            )
+        else:
+            watch.samples.extend((time.time() * 1000, p, off) for p, off in final.items())
+        report.committed = final or {}
         check(report, plan, broker.bootstrap, cfg, lake, ops, with_feedback, expected_rewards, producer.positions,
               watch.samples)  # fmt: skip
     finally:
@@ -526,8 +557,17 @@ def check(report: Report, plan: Plan, bootstrap: str, cfg: Settings, lake: Path,
                 break
             if first_sent.get(iid, 1e18) > seen_ms + 5:  # Kafka timestamps are in ms
                 bad.add(iid)
+    if not samples:
+        problems.append("no committed offset of the worker group was ever seen: the online invariant is unchecked")
     if bad:
         problems.append(f"commit passed {len(bad)} interactions not yet scored, e.g. {sorted(bad)[:5]}")
+    if missing:
+        # where the group stands against where each partition's first unscored interaction is: a commit past it is
+        # a loss (reported above); a commit behind it is a stall (nothing processed it)
+        first_missing = {p: next((off for off, iid in offs if (iid, 0) in missing), None)
+                         for p, offs in by_partition.items()}  # fmt: skip
+        problems.append(f"committed offsets at the end {dict(sorted(report.committed.items()))}; first unscored "
+                        f"interaction per partition {dict(sorted(first_missing.items()))}")  # fmt: skip
     report.invariant_violations = len(bad)
     report.ok = not problems
 
