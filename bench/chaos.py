@@ -269,7 +269,7 @@ class CommitWatch(threading.Thread):
         return None
 
 
-def read_topic(bootstrap: str, topic: str, quiet_s: float = 3.0) -> list[Any]:
+def read_topic(bootstrap: str, topic: str, quiet_s: float = 1.0) -> list[Any]:
     """Every record of a topic from offset 0, outside any group, until nothing new arrives for `quiet_s` and every
     partition's position reached the high watermark its fetch responses report."""
     from kafka import KafkaConsumer
@@ -444,7 +444,7 @@ def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
         watch.halt.set()
         for w in [*slots, *retired]:
             if w is not None:
-                w.stop()
+                w.stop(signal.SIGKILL)  # the outputs are checked: nothing is left to stop gracefully for
         broker.stop()
     report.seconds = time.monotonic() - t0
     if not report.ok:
