@@ -15,13 +15,17 @@ stage's strategies reach the update, in `learners.candidates`; the TRL trainers 
 `learners.training`. Modes: `grpo`, `offline` (DPO), `rft` (SFT on verified best candidates), `rft+grpo`.
 The generate stage scores as it samples: a prompt whose k candidates all failed (none at `reward_threshold`,
 or, for grpo/offline, all equal) is sampled again, up to `k_max`, and the counts are in the round's metrics.
+
+On GPUs: with the vLLM backend a round builds one engine (`learners.generation.VllmEngine`) for generation and
+both gate policies (parent and new adapter as LoRA requests), puts it to sleep while the adapter trains (or
+deletes it, where vLLM has no sleep mode) and returns PyTorch's cached memory before the engine wakes or is built
+again. Training on CUDA runs in a child process that sees only the selected GPU (`learners.training.placement`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import json
 import logging
 import os
@@ -37,6 +41,7 @@ from typing import Any
 
 from learners import gate, lineage
 from learners.exceptions import LearnerError
+from learners.generation import release_cuda
 from learners.records import RecordSink
 from learners.rewards.composite import CompositeScorer
 from learners.rewards.registry import build_scorer
@@ -302,14 +307,19 @@ def check_model(name_or_path: str) -> None:
         ) from None
 
 
-def build_round_scorer(settings: Settings) -> CompositeScorer:
+def round_scorer_specs(settings: Settings) -> list[Any]:
     specs = settings.learner.scorers or settings.stream.scorers
     if not specs:
         raise LearnerError(
             "no scorers configured: set TAOFLOW_LEARNER_SCORERS (or TAOFLOW_STREAM_SCORERS), e.g. "
             '\'[{"type": "arithmetic"}]\'; a round needs a reward to learn from'
         )
-    return CompositeScorer([build_scorer(s) for s in specs])
+    return list(specs)
+
+
+def build_round_scorer(settings: Settings, device: str | None = None) -> CompositeScorer:
+    """The round's scorers; a reward model whose spec names no device runs on `device` (the learner's)."""
+    return CompositeScorer([build_scorer(s, device=device) for s in round_scorer_specs(settings)])
 
 
 class TrainedQuestions:
@@ -356,13 +366,16 @@ class Round:
         self.cfg = settings.learner
         self.sink = sink
         self.reporter = reporter or Reporter()
-        from learners.generation import resolve_device, resolve_dtype
-        from learners.training import check_trl_overrides
+        from learners.generation import adapter_rank, check_vllm, resolve_device, resolve_dtype
+        from learners.training import check_trl_overrides, placement
 
         self.device = resolve_device(self.cfg.device)
         self.dtype = resolve_dtype(self.cfg.dtype, self.device)
         check_trl_overrides(self.cfg.trl, self.cfg.mode)
-        self.scorer = build_round_scorer(settings)
+        if self.cfg.backend == "vllm":
+            check_vllm()  # installed, and able to build an engine in this thread
+        self.place = placement(self.cfg, self.device)
+        self.scorer = build_round_scorer(settings, self.device)
         self.base_model = default_base_model(settings)
         check_model(self.base_model)
         self.parent_name = lineage.served_adapter(lineage.adapter_events(settings), self.cfg.parent_from)
@@ -374,6 +387,9 @@ class Round:
                     f"{settings.core.adapters_dir}; restore it, or roll it back so the gateway serves its predecessor"
                 )
             lineage.check_lora_shape(self.parent, self.cfg)
+        # the round's vLLM engine holds the parent's LoRA and the new one: its rank bound fits both
+        self.vllm_lora_rank = vllm_lora_rank(max(self.cfg.lora_r, adapter_rank(self.parent)))
+        self._engine: Any = None
         rid = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.state = RoundState(
             settings,
@@ -468,6 +484,7 @@ class Round:
                 shutil.rmtree(self.settings.core.adapters_dir / doc["adapter_name"], ignore_errors=True)
             return RoundResult(self.round_id, "failed", None, self.metrics, doc["timings"], str(exc))
         finally:
+            self._close_engine()
             shutil.rmtree(self.work, ignore_errors=True)
 
     def _stage(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -565,19 +582,31 @@ class Round:
         return [prompts[i] for i in s.train], [prompts[i] for i in s.heldout]
 
     def _policy(self, adapter: Path | None) -> Any:
-        from learners.generation import TransformersGenerator, VllmGenerator, load_policy
+        from learners.generation import TransformersGenerator, VllmEngine, load_policy
 
         if self.cfg.backend == "vllm":
-            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-            return VllmGenerator(
-                self.base_model,
-                adapter=adapter,
-                max_lora_rank=vllm_lora_rank(self.cfg.lora_r),
-                dtype=dtype,
-                seed=self.seed,
-            )
+            if self._engine is None:
+                self._engine = VllmEngine(
+                    self.base_model,
+                    max_lora_rank=self.vllm_lora_rank,
+                    dtype=str(self.dtype).removeprefix("torch."),
+                    seed=self.seed,
+                    gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
+                    sleep_mode=self.cfg.vllm_sleep_mode,
+                    device=self.device,
+                )
+            return self._engine.generator(adapter)
         model, tok = load_policy(self.base_model, adapter, device=self.device, dtype=self.dtype)
         return TransformersGenerator(model, tok, batch_size=self.cfg.generation_batch_size, seed=self.seed)
+
+    def _count_engines(self) -> None:
+        if self._engine is not None:
+            self.metrics["vllm_engines_built"] = float(self._engine.builds)
+
+    def _close_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     @property
     def _k_max(self) -> int:
@@ -648,7 +677,8 @@ class Round:
                 len(first_failed) - len(still), len(still),
             )  # fmt: skip
         del gen
-        gc.collect()
+        self._count_engines()
+        release_cuda()
         _checkpoint(self.settings, "generate")
         return out
 
@@ -725,29 +755,32 @@ class Round:
         keys = {self._question_keys[h] for h in by_hash}
         TrainedQuestions(self.settings).add(keys)  # before training: a crash mid-train still counts as trained on
         self.reporter.stage("train", self.cfg.steps)
-        common = {"base_model": self.base_model, "parent": self.parent, "device": self.device, "dtype": self.dtype,
-                  "seed": self.seed, "progress": self.reporter.advance}  # fmt: skip
+        if self._engine is not None:
+            self._engine.release()  # the trainer needs the engine's GPU memory: it sleeps (or goes) until the gate
+        specs = [s.model_dump(mode="json", by_alias=True) for s in round_scorer_specs(self.settings)]
+        common = {"base_model": self.base_model, "parent": self.parent, "dtype": self.dtype, "seed": self.seed,
+                  "place": self.place, "progress": self.reporter.advance}  # fmt: skip
         mode = self.cfg.mode
         if mode == "offline":
             pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in sets.dpo]
-            self.metrics.update(training.train_offline(self.cfg, pairs=pairs, out=out, **common))
+            self.metrics.update(training.train("offline", self.cfg, pairs=pairs, out=out, **common))
         start: Path | None = None
         if mode in ("rft", "rft+grpo"):
             rft_out = out if mode == "rft" else self.work / "rft"
             examples = [{"prompt": r["prompt"], "completion": r["completion"]} for r in sets.rft]
-            self.metrics.update(training.train_rft(self.cfg, examples=examples, out=rft_out, **common))
+            self.metrics.update(training.train("rft", self.cfg, examples=examples, out=rft_out, **common))
             start = rft_out
         if mode in ("grpo", "rft+grpo"):
             if sets.grpo:
                 self.metrics.update(
-                    training.train_grpo(
-                        self.cfg, rows=sets.grpo, scorer=self.scorer, out=out, start=start,
-                        temperature=max(self.cfg.temperatures), **common,
+                    training.train(
+                        "grpo", self.cfg, rows=sets.grpo, scorer=self.scorer, scorer_specs=specs, out=out,
+                        start=start, temperature=max(self.cfg.temperatures), **common,
                     )
                 )  # fmt: skip
             elif start is not None:
                 shutil.copytree(start, out)  # rft+grpo with no prompt for GRPO: the RFT adapter is the result
-        gc.collect()
+        release_cuda()  # what training left in PyTorch's cache, before the engine wakes or is built again
         _checkpoint(self.settings, "train")
 
     def respond(self, prompts: list[Prompt], adapter: Path | None) -> list[list[str]]:
@@ -769,7 +802,8 @@ class Round:
         # the gate's sampling is compute the round spends too (budgets compare it across arms)
         self.metrics["gate_generated_tokens"] = self.metrics.get("gate_generated_tokens", 0.0) + float(gen.tokens)
         del gen
-        gc.collect()
+        self._count_engines()
+        release_cuda()
         return results
 
     def gate_index(self) -> int:

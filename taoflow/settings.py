@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -290,7 +291,11 @@ class LearnerSettings(_Component):
     )
     # generate (k is the test-time-compute budget)
     backend: Literal["transformers", "vllm"] = "transformers"
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ... (transformers backend)")
+    device: str = Field(
+        default="auto",
+        description="auto, cpu, cuda, cuda:1 ...: the one GPU a round generates, scores and trains on (training on "
+        "CUDA runs in a child process that sees only this GPU; several GPUs: accelerate_config)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     k: int = Field(default=8, ge=2, description="candidates per prompt: the test-time-compute budget")
     k_max: int | None = Field(
@@ -322,6 +327,37 @@ class LearnerSettings(_Component):
     lora_alpha: int = Field(default=16, ge=1)
     lora_target_modules: list[str] | str = "all-linear"
     trl: dict[str, Any] = Field(default_factory=dict, description="extra fields for TRL's GRPOConfig / DPOConfig")
+    # the GPU path (README, "The learner on GPUs")
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of the GPU's memory a vLLM engine may take (the round's engine; GRPO's colocated one). "
+        "vLLM refuses to start unless that much is free: 0.5 leaves room for the reward model, the learner's CUDA "
+        "context and a gateway on the same GPU; raise it on a GPU the learner has alone",
+    )
+    vllm_sleep_mode: bool = Field(
+        default=True,
+        description="backend vllm: the round's engine sleeps (weights to CPU memory, KV cache freed) while the "
+        "adapter trains and wakes for the gate; false: it is deleted and built again",
+    )
+    grpo_vllm_mode: Literal["colocate", "server", "off"] = Field(
+        default="colocate",
+        description="backend vllm: how GRPO samples its completions: TRL's vLLM engine on the training GPU "
+        "(colocate), a `trl vllm-serve --model BASE` server (server; not `vllm serve`), or transformers (off)",
+    )
+    vllm_server_host: str = Field(default="127.0.0.1", description="grpo_vllm_mode server: the `trl vllm-serve` host")
+    vllm_server_port: int = Field(default=8000, ge=1, le=65535, description="grpo_vllm_mode server: its port")
+    train_process: Literal["auto", "inline", "child"] = Field(
+        default="auto",
+        description="where the trainer runs: a child process (auto on CUDA: it sees only the selected GPU, and "
+        "all its memory is returned when it exits) or in the learner's own process (auto on CPU)",
+    )
+    accelerate_config: Path | None = Field(
+        default=None,
+        description="train under `accelerate launch --config_file` this file: several GPUs with DDP, DeepSpeed "
+        "ZeRO-2 or FSDP (examples in deploy/accelerate/); its num_processes and gpu_ids choose the GPUs",
+    )
     # gate
     gate_margin: float = Field(default=0.0, description="least mean held-out reward gain to publish")
     gate_confidence: float = Field(default=0.9, gt=0, lt=1, description="paired bootstrap one-sided confidence")
@@ -342,6 +378,18 @@ class LearnerSettings(_Component):
     min_new_prompts: int = Field(default=32, ge=0, description="skip a scheduled round until this many new prompts")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics of `taoflow learner`")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _gpu_placement(self) -> LearnerSettings:
+        if self.accelerate_config is not None:
+            if self.train_process == "inline":
+                raise ValueError("accelerate_config runs the trainer under `accelerate launch`: not with inline")
+            if re.fullmatch(r"cuda:\d+", self.device):
+                raise ValueError(
+                    f"device {self.device!r} with accelerate_config: the accelerate config's gpu_ids choose the "
+                    "training GPUs; set device to cuda or auto"
+                )
+        return self
 
 
 class OperatorSpec(BaseModel):

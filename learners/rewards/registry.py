@@ -67,8 +67,9 @@ class Scorer:
         return [None if v is None else min(1.0, max(0.0, float(v))) for v in values]
 
 
-def build_scorer(spec: Any) -> Scorer:
-    """The Scorer for one spec (see `learners.rewards.specs`)."""
+def build_scorer(spec: Any, *, device: str | None = None) -> Scorer:
+    """The Scorer for one spec (see `learners.rewards.specs`). `device`: where a reward model runs when its spec
+    does not say (the learner passes its own; unset: "auto", the GPU when there is one)."""
     tt = frozenset(spec.task_types) if spec.task_types else None
     if isinstance(spec, RegexSpec):
         opts: dict[str, Any] = {"pattern": spec.pattern, "full_match": spec.full_match}
@@ -86,7 +87,9 @@ def build_scorer(spec: Any) -> Scorer:
     if isinstance(spec, RewardModelSpec):
         from learners.rewards.reward_model import RewardModel
 
-        model = RewardModel(spec.path, batch_size=spec.batch_size, max_length=spec.max_length)
+        model = RewardModel(
+            spec.path, batch_size=spec.batch_size, max_length=spec.max_length, device=spec.device or device or "auto"
+        )
         return Scorer(spec.part, spec.weight, model, {}, tt)
     if isinstance(spec, ArithmeticSpec):
         from learners.tasks import arithmetic_reward

@@ -8,9 +8,10 @@ from learners.exceptions import ScorerConfigError
 
 
 class RewardModel:
-    """Loads `path` with transformers' `from_pretrained`; reward = sigmoid(logit) of the first label."""
+    """Loads `path` with transformers' `from_pretrained` onto `device` ("auto": the GPU when there is one);
+    reward = sigmoid(logit) of the first label."""
 
-    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024) -> None:
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device: str = "auto") -> None:
         try:
             import torch
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -24,6 +25,14 @@ class RewardModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        from learners.exceptions import LearnerError
+        from learners.generation import resolve_device
+
+        try:
+            self.device = resolve_device(device)
+        except LearnerError as exc:
+            raise ScorerConfigError(f"reward model {path!r}: {exc}") from None
+        self.model.to(self.device)
         self.model.eval()
         self._torch = torch
         self.batch_size = batch_size
@@ -69,5 +78,5 @@ class RewardModel:
         return out
 
     def _score(self, enc: Any) -> list[float]:
-        logits = self.model(**enc).logits[:, 0]
+        logits = self.model(**enc.to(self.device)).logits[:, 0]
         return [float(x) for x in self._torch.sigmoid(logits.float()).tolist()]

@@ -51,6 +51,10 @@ class RewardModelSpec(_Spec):
     path: str = Field(description="local directory of a sequence-classification model (one logit)")
     batch_size: int = 16
     max_length: int = 1024
+    device: str | None = Field(
+        default=None,
+        description="cpu, cuda, cuda:1 ...; unset: the learner's device in a round, else the GPU when there is one",
+    )
 
 
 class ArithmeticSpec(_Spec):
