@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from serving.exceptions import AuthError, BadRequest
-from taoflow.report import bucket_width
+from streams.sqlapi import bucket_width, query
 from taoflow.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -58,8 +58,6 @@ def _iso(v: Any) -> Any:
 
 
 def _rows(settings: Settings, sql: str) -> list[dict[str, Any]]:
-    from streams.sqlapi import query
-
     return [{k: _iso(v) for k, v in r.items()} for r in query(sql, settings).as_dicts()]
 
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from schemas import topics as names
 from streams import store
+from streams.landing import landing_consumer_config, to_rows
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -203,8 +204,6 @@ class ParquetLander:
     async def run(self, stop: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-        from streams.lander import landing_consumer_config
-
         lander = self
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -229,8 +228,6 @@ class ParquetLander:
         )
         consumer.subscribe(list(self.TOPICS), listener=Listener())
         await consumer.start()
-        from streams.lander import to_rows
-
         limits = self.settings.limits.limits()
         loop = asyncio.get_running_loop()
         log.info("landing Parquet under %s", self.cfg.parquet_url)
@@ -282,7 +279,7 @@ _DEDUPE_KEYS = {t: store.KEYS[t] for t in LAKE_TABLES}
 _PRESENT: set[tuple[str, str]] = set()  # (url, table) known to have files (files are never all removed)
 
 
-def _has_files(url: str, table: str) -> bool:
+def has_files(url: str, table: str) -> bool:
     if (url, table) in _PRESENT:
         return True
     if "://" not in url or url.startswith("file://"):
@@ -307,7 +304,7 @@ def lake_views(con: Any, url: str, schema: str = "lake") -> list[str]:
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     present = []
     for table, (_, hive) in LAKE_TABLES.items():
-        if _has_files(url, table):
+        if has_files(url, table):
             present.append(table)
             types = ", ".join(f"'{c}': {'DATE' if c == 'date' else 'VARCHAR'}" for c in hive)
             src = (

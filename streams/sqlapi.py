@@ -9,6 +9,7 @@ import secrets
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_WIDTHS = [1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400]  # time-bucket widths in seconds
+
+
+def bucket_width(first: Any, last: Any, buckets: int, empty: int = 3600) -> int:
+    """A bucket width (seconds) giving at most `buckets` points over the span from `first` to `last`
+    (`empty` when there is no span yet).
+
+    >>> bucket_width("2026-01-01T00:00:00", "2026-01-01T01:00:00", 60)
+    60
+    """
+    if not first or not last:
+        return empty
+    span = (datetime.fromisoformat(str(last)) - datetime.fromisoformat(str(first))).total_seconds()
+    return next((w for w in _WIDTHS if span / w <= buckets), _WIDTHS[-1])
+
+
 def query(sql: str, settings: Settings | None = None, timeout: float = 60.0) -> QueryResult:
     """Run SQL over the outcome tables, also while ingestion runs (no lock errors, worker keeps going)."""
     settings = settings or Settings()
@@ -133,9 +150,9 @@ class LakeViews:
         self.present: tuple[str, ...] | None = None
 
     def refresh(self, con: Any) -> None:
-        from streams.parquet import LAKE_TABLES, _has_files, lake_views
+        from streams.parquet import LAKE_TABLES, has_files, lake_views
 
-        present = tuple(t for t in LAKE_TABLES if _has_files(self.url, t))
+        present = tuple(t for t in LAKE_TABLES if has_files(self.url, t))
         if present != self.present:
             lake_views(con, self.url)
             self.present = present

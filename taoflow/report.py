@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from streams.sqlapi import query
+from streams.sqlapi import bucket_width, query
 from taoflow.exceptions import ConfigError
 from taoflow.settings import Settings
 
@@ -19,7 +19,6 @@ SPARK = "▁▂▃▄▅▆▇█"
 MARKS = {"published": "▲", "promoted": "★", "rolled_back": "▼"}
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_WIDTHS = [1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400]  # bucket widths in seconds
 
 
 def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
@@ -39,19 +38,6 @@ def parse_since(text: str | None, now: datetime | None = None) -> datetime | Non
     except ValueError:
         raise ConfigError(f"--since {text!r}: give a duration like 30m, 2h, 7d or an ISO time") from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-
-def bucket_width(first: Any, last: Any, buckets: int, empty: int = 3600) -> int:
-    """A bucket width (seconds) giving at most `buckets` points over the span from `first` to `last`
-    (`empty` when there is no span yet).
-
-    >>> bucket_width("2026-01-01T00:00:00", "2026-01-01T01:00:00", 60)
-    60
-    """
-    if not first or not last:
-        return empty
-    span = (datetime.fromisoformat(str(last)) - datetime.fromisoformat(str(first))).total_seconds()
-    return next((w for w in _WIDTHS if span / w <= buckets), _WIDTHS[-1])
 
 
 def sparkline(values: list[float | None], lo: float = 0.0, hi: float = 1.0) -> str:

@@ -10,7 +10,7 @@ import pytest
 MODULES = [
     "learners.actr", "learners.rewards.composite", "learners.rewards.rules", "learners.rewards.judge",
     "learners.tasks", "learners.tao", "streams.store", "streams.scoring", "serving.router", "serving.backends",
-    "taoflow.report", "serving.dashboard", "serving.sessions", "streams.sessions", "serving.upstream",
+    "taoflow.report", "serving.dashboard", "serving.sessions", "streams.sessions", "serving.upstream", "streams.sqlapi",
 ]  # fmt: skip
 
 

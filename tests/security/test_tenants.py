@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from schemas import topics as names
-from streams import lander, store
+from streams import landing, store
 from streams.topics import REWARDS_INTERNAL
 from taoflow.settings import Settings
 from tests.streams.memory import Record, Worker
@@ -151,7 +151,7 @@ def test_an_outcome_file_from_before_callers_opens_and_lands_them(tmp_path: Path
     try:
         recs = [Record(names.INTERACTIONS, 0, 1, b"new", orjson.dumps(interaction("new", forced=True))),
                 Record(names.FEEDBACK, 0, 1, b"new", orjson.dumps(fb("f", "new", 1.0, MALLORY)))]  # fmt: skip
-        for table, cols in lander.to_rows(recs, Settings().limits.limits()).items():
+        for table, cols in landing.to_rows(recs, Settings().limits.limits()).items():
             store.insert(con, table, cols)
         assert con.execute("SELECT event_id, caller, forced FROM interactions ORDER BY 1").fetchall() == [
             ("new", ALICE, True), ("old", None, False)]  # fmt: skip

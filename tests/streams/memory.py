@@ -15,7 +15,7 @@ import orjson
 
 from learners.rewards import CompositeScorer, build_scorer
 from schemas import topics as names
-from streams import feedback, interactions, lander, rewards, sessions, store
+from streams import feedback, interactions, landing, rewards, sessions, store
 from streams.context import WorkerContext
 from streams.topics import REWARDS_INTERNAL, SESSION_JOINS_INTERNAL, SESSIONS_INTERNAL, Topics
 from taoflow.settings import Settings
@@ -123,7 +123,7 @@ class Worker:
                 queue.append([r for r in made if r.topic == topic])
 
     def land(self, records: list[Record]) -> None:
-        for table, cols in lander.to_rows(records, self.ctx.limits).items():
+        for table, cols in landing.to_rows(records, self.ctx.limits).items():
             store.insert(self.con, table, cols)
 
     def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:

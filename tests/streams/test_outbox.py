@@ -1,5 +1,5 @@
 """Broker-free unit tests of the pieces every worker batch goes through: the Outbox (what a batch produces, its
-partitioning, size checks and rollback) and the lander's row mapping (`streams.lander.to_rows`). Milliseconds each."""
+partitioning, size checks and rollback) and the lander's row mapping (`streams.landing.to_rows`). Milliseconds each."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from kafka.partitioner.default import murmur2 as kafka_python_murmur2
 
 from schemas import topics as names
-from streams import lander, store
+from streams import landing, store
 from streams.exceptions import OversizeRecord
 from streams.outbox import Outbox, partition_for
 from taoflow.settings import Settings
@@ -102,7 +102,7 @@ def test_to_rows_maps_each_topic_to_its_table_columns() -> None:
                                  "ts": NOW}),
         record(names.INTERACTIONS, b"{not json"),  # the worker dead-lettered it already: skipped here
     ]  # fmt: skip
-    rows = lander.to_rows(records, limits)
+    rows = landing.to_rows(records, limits)
     assert set(rows) == {"interactions", "feedback", "utilities", "utility_history"}
     for table, cols in rows.items():
         assert list(cols) == list(store.COLUMNS[table])

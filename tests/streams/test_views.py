@@ -221,7 +221,7 @@ def test_dashboard_in_headless_chromium_draws_the_tables_numbers(pipeline, tmp_p
     from fastapi.testclient import TestClient
 
     from serving.dashboard import build_dashboard_app
-    from taoflow.report import bucket_width
+    from streams.sqlapi import bucket_width
     from tests.serving.test_dashboard import plots, render, traces
 
     data, planted = pipeline
