@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from learners.exceptions import LearnerError
+from learners.models import load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def load_policy(
 ) -> tuple[Any, Any]:
     """Base model plus (optionally) a LoRA adapter directory, and its tokenizer."""
     from transformers.utils import logging as hf_logging
-
-    from learners.models import load_causal_lm
 
     hf_logging.disable_progress_bar()  # the learner reports its own progress
     model, tokenizer = load_causal_lm(base_model, dtype=dtype, device=device)

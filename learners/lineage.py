@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from learners.exceptions import LearnerError
+from streams.exceptions import QueryError
+from streams.sqlapi import query
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,6 @@ def served_adapter(events: Iterable[tuple[str, str]], parent_from: str = "served
 
 def adapter_events(settings: Settings) -> list[tuple[str, str]]:
     """(action, adapter) from the `adapters` table, oldest first (through the owner of the DuckDB file)."""
-    from streams.exceptions import QueryError
-    from streams.sqlapi import query
 
     sql = (
         "SELECT action, adapter FROM adapters WHERE action IN ('published', 'promoted', 'rolled_back') "

@@ -6,10 +6,14 @@ import json
 import logging
 import random
 import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from learners.exceptions import LearnerError
+
+if TYPE_CHECKING:
+    from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +159,28 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: Any = None, device: str |
     if device:
         model.to(device)  # type: ignore[arg-type]
     return model, tokenizer
+
+
+def default_base_model(settings: Settings) -> str:
+    """`TAOFLOW_BASE_MODEL`, or a tiny model built locally under the data directory (no hub needed)."""
+    if settings.core.base_model:
+        return settings.core.base_model
+    path = settings.core.data_dir / "models" / "tiny"
+    if not (path / "config.json").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("TAOFLOW_BASE_MODEL is unset: building a tiny model at %s", path)
+        make_tiny(path)
+    return str(path)
+
+
+def check_model(name_or_path: str) -> None:
+    """Fail early, with the fix, when the base model cannot be found (reading its config is cheap)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise LearnerError(
+            f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}. Set TAOFLOW_BASE_MODEL to a local model "
+            "directory (e.g. one made by `taoflow models make-tiny DIR`) or a name already in the local cache"
+        ) from None

@@ -21,6 +21,7 @@ from learners.exceptions import LearnerError
 from schemas import AdapterEvent
 from schemas import topics as names
 from streams import store
+from taoflow.broker import ensure_topics, reachable
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,11 @@ class RecordSink:
     """`write(table, rows)` and `adapter_event(event)`; `close()` flushes."""
 
     def __init__(self, settings: Settings, *, prefer_kafka: bool = True) -> None:
-        from taoflow.broker import reachable
-
         self.settings = settings
         self.producer: Any = None
         self.to_file = not file_owned(settings)  # write the file ourselves while no other process holds it
         if prefer_kafka and reachable(settings.bootstrap, timeout=2.0):
             from kafka import KafkaProducer
-
-            from taoflow.broker import ensure_topics
 
             ensure_topics(settings)
             self.producer = KafkaProducer(

@@ -16,6 +16,9 @@ from typing import Any
 from learners.exceptions import LearnerError
 from learners.records import RecordSink
 from learners.tao import learner_dir, load_rounds, recover, round_lock, run_round
+from streams.exceptions import QueryError
+from streams.sqlapi import query
+from taoflow.metrics import serve_metrics
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,6 @@ JOB_ID = "taoflow-tao-round"
 
 def new_prompts(settings: Settings) -> int:
     """Distinct prompts that arrived after the data window of the last round that got that far."""
-    from streams.exceptions import QueryError
-    from streams.sqlapi import query
 
     ends = [r["window_end"] for r in load_rounds(settings) if r.get("window_end") and r.get("status") != "failed"]
     where = f"WHERE ts > CAST('{max(ends)}' AS TIMESTAMPTZ)" if ends else ""
@@ -83,7 +84,6 @@ def run_scheduler(settings: Settings, stop: threading.Event | None = None, run_n
             sink.close()
     if settings.learner.metrics_port:
         from learners.tao import METRICS
-        from taoflow.metrics import serve_metrics
 
         serve_metrics(settings.learner.metrics_port, METRICS.registry, "learner", settings.core.metrics_host)
     scheduler = BackgroundScheduler(

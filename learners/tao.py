@@ -39,13 +39,28 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from learners import gate, lineage
+from learners import gate, lineage, training
+from learners.candidates import failed, split_counts, training_sets
 from learners.exceptions import LearnerError
-from learners.generation import release_cuda
+from learners.generation import (
+    TransformersGenerator,
+    VllmEngine,
+    adapter_rank,
+    check_vllm,
+    load_policy,
+    release_cuda,
+    render,
+    resolve_device,
+    resolve_dtype,
+)
+from learners.models import check_model, default_base_model
 from learners.records import RecordSink
 from learners.rewards.composite import CompositeScorer
 from learners.rewards.registry import build_scorer
+from learners.training import check_trl_overrides, placement
 from schemas import AdapterEvent
+from streams.exceptions import QueryError
+from streams.sqlapi import query
 from taoflow.lora import vllm_lora_rank
 from taoflow.settings import Settings
 
@@ -280,33 +295,6 @@ def is_heldout(prompt_hash: str, fraction: float) -> bool:
     return int(prompt_hash[:8], 16) % 10_000 < fraction * 10_000
 
 
-def default_base_model(settings: Settings) -> str:
-    """`TAOFLOW_BASE_MODEL`, or a tiny model built locally under the data directory (no hub needed)."""
-    if settings.core.base_model:
-        return settings.core.base_model
-    path = settings.core.data_dir / "models" / "tiny"
-    if not (path / "config.json").exists():
-        from learners.models import make_tiny
-
-        shutil.rmtree(path, ignore_errors=True)
-        log.info("TAOFLOW_BASE_MODEL is unset: building a tiny model at %s", path)
-        make_tiny(path)
-    return str(path)
-
-
-def check_model(name_or_path: str) -> None:
-    """Fail early, with the fix, when the base model cannot be found (reading its config is cheap)."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise LearnerError(
-            f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}. Set TAOFLOW_BASE_MODEL to a local model "
-            "directory (e.g. one made by `taoflow models make-tiny DIR`) or a name already in the local cache"
-        ) from None
-
-
 def round_scorer_specs(settings: Settings) -> list[Any]:
     specs = settings.learner.scorers or settings.stream.scorers
     if not specs:
@@ -366,8 +354,6 @@ class Round:
         self.cfg = settings.learner
         self.sink = sink
         self.reporter = reporter or Reporter()
-        from learners.generation import adapter_rank, check_vllm, resolve_device, resolve_dtype
-        from learners.training import check_trl_overrides, placement
 
         self.device = resolve_device(self.cfg.device)
         self.dtype = resolve_dtype(self.cfg.dtype, self.device)
@@ -430,8 +416,6 @@ class Round:
         return self._tokenizer
 
     def render(self, prompt: Any, strategy: str = "plain") -> str:
-        from learners.generation import render
-
         return render(prompt, self.tokenizer, strategy)
 
     # -- driver -----------------------------------------------------------------------------------------------
@@ -508,8 +492,6 @@ class Round:
     def select(self) -> list[Prompt]:
         """Distinct prompts (by content hash) from `interactions`, newest first, at most `task_quotas` per task type;
         of multi-step sessions every step, or each session's first step where `session_prompts` says 'first'."""
-        from streams.exceptions import QueryError
-        from streams.sqlapi import query
 
         self.reporter.stage("select")
         where = []
@@ -582,8 +564,6 @@ class Round:
         return [prompts[i] for i in s.train], [prompts[i] for i in s.heldout]
 
     def _policy(self, adapter: Path | None) -> Any:
-        from learners.generation import TransformersGenerator, VllmEngine, load_policy
-
         if self.cfg.backend == "vllm":
             if self._engine is None:
                 self._engine = VllmEngine(
@@ -614,8 +594,6 @@ class Round:
 
     def _sample(self, gen: Any, prompts: list[Prompt], n: int, out: dict[str, list[dict[str, Any]]]) -> None:
         """n more candidates per prompt, spread over the (strategy, temperature) combinations, scored."""
-        from learners.candidates import split_counts
-
         combos = list(product(self.cfg.strategies, self.cfg.temperatures))
         new: list[tuple[Prompt, dict[str, Any]]] = []
         for (strategy, temp), count in zip(combos, split_counts(n, len(combos)), strict=True):
@@ -641,8 +619,6 @@ class Round:
 
     def generate(self, prompts: list[Prompt]) -> dict[str, list[dict[str, Any]]]:
         """k scored candidates per prompt; prompts whose candidates all failed get more, up to k_max (adaptive k)."""
-        from learners.candidates import failed
-
         gen = self._policy(self.parent)
         self.reporter.stage("generate", len(prompts))
         out: dict[str, list[dict[str, Any]]] = {p.hash: [] for p in prompts}
@@ -684,8 +660,6 @@ class Round:
 
     def score(self, prompts: list[Prompt], candidates: dict[str, list[dict[str, Any]]]) -> Any:
         """Record every scored candidate; build what the mode trains on (see `learners.candidates`)."""
-        from learners.candidates import training_sets
-
         self.reporter.stage("score", len(prompts))
         rows, best, mean, uniform, unscorable = [], [], [], 0, 0
         for p in prompts:
@@ -746,8 +720,6 @@ class Round:
         return {"grpo": sets.grpo, "offline": sets.dpo, "rft": sets.rft, "rft+grpo": sets.rft + sets.grpo}[mode]
 
     def train(self, sets: Any, out: Path) -> None:
-        from learners import training
-
         used = self._used(sets)
         by_hash = {r["hash"] for r in used}
         self.state.doc["trained_prompts"] = sorted(by_hash)

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from learners.models import load_causal_lm, make_tiny
+
 log = logging.getLogger(__name__)
 
 QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
@@ -119,8 +121,6 @@ def make_warm_model(
     directory: str | Path, *, steps: int = 150, examples: int = 60, seed: int = 0, lr: float = 3e-3, **tiny: Any
 ) -> Path:
     """A tiny model given a short supervised warm-up on `examples` labeled questions: weak, not random."""
-    from learners.models import load_causal_lm, make_tiny
-
     out = Path(directory)
     make_tiny(out, seed=seed, **tiny)
     model, tokenizer = load_causal_lm(out)
@@ -285,8 +285,6 @@ def make_suite_model(
 ) -> tuple[Path, list[float]]:
     """A small model built here (digit-level tokenizer) and warmed up on the labeled `warm` questions of every task
     type, so it is weak but not random. Returns its directory and the warm-up losses."""
-    from learners.models import load_causal_lm, make_tiny
-
     out = Path(directory)
     make_tiny(out, seed=seed, corpus=suite_corpus(seed), individual_digits=True, **size)
     model, tokenizer = load_causal_lm(out)

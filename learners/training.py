@@ -45,7 +45,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from learners.exceptions import LearnerError
+from learners.generation import cuda_index, load_policy, physical_gpu
 from learners.rewards.composite import CompositeScorer
+from learners.rewards.registry import build_scorer
+from learners.rewards.specs import ScorerSpec
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,6 @@ def lora_config(cfg: Any) -> Any:
 
 def _model(base_model: str, start: Path | None, device: str, dtype: Any) -> tuple[Any, Any]:
     """(model, tokenizer): the `start` adapter made trainable, or the bare base (the trainer adds a new LoRA)."""
-    from learners.generation import load_policy
-
     return load_policy(base_model, start, device=device, dtype=dtype, trainable=start is not None)
 
 
@@ -450,8 +451,6 @@ def placement(cfg: Any, device: str) -> Placement:
     """Where training runs for `learner.train_process` and the resolved `device` (see the module docstring)."""
     import torch
 
-    from learners.generation import cuda_index, physical_gpu
-
     cuda = device.startswith("cuda")
     gpus = torch.cuda.device_count() if cuda else 0
     mode = getattr(cfg, "train_process", "auto")
@@ -605,9 +604,6 @@ def run_job(job: dict[str, Any]) -> dict[str, float]:
     """The training a child process was given (see `train_in_child`); the metrics it returns."""
     import torch
     from pydantic import TypeAdapter
-
-    from learners.rewards.registry import build_scorer
-    from learners.rewards.specs import ScorerSpec
 
     device = job["device"]
     if device == "cuda" and _world_size() > 1:  # a rank of `accelerate launch`: its own GPU

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import orjson
 
+from learners.generation import load_policy, render, resolve_device, resolve_dtype
+from learners.models import check_model, default_base_model
 from serving.exceptions import BackendDown, BadRequest
 from serving.upstream import Tally, Upstream, UpstreamError, reply_text
 from taoflow.exceptions import ConfigError
@@ -139,8 +141,6 @@ class TransformersBackend(Backend):
         self._probe: Any = None  # one LoRA layer, read to tell which adapter a forward pass uses
 
     async def start(self) -> None:
-        from learners.generation import load_policy, resolve_device, resolve_dtype
-
         device = resolve_device(self.device_name)
         loop = asyncio.get_running_loop()
         self.model, self.tokenizer = await loop.run_in_executor(
@@ -151,8 +151,6 @@ class TransformersBackend(Backend):
         self.pool.shutdown(wait=True)
 
     def _render(self, req: GenRequest) -> str:
-        from learners.generation import render
-
         if req.messages is not None:
             return render(req.messages, self.tokenizer)
         return req.prompt or ""
@@ -600,8 +598,6 @@ def vllm_serve_command(
 
 
 def build_backend(settings: Any) -> Backend:
-    from learners.tao import check_model, default_base_model
-
     cfg = settings.serve
     if cfg.backend == "openai":
         if not cfg.upstream_url:

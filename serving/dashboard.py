@@ -30,7 +30,7 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from serving.exceptions import AuthError, BadRequest
+from serving.exceptions import AuthError, BadRequest, ServingError
 from streams.sqlapi import bucket_width, query
 from taoflow.settings import Settings
 
@@ -307,8 +307,6 @@ def add_dashboard(app: FastAPI, settings: Settings) -> None:
 
 def build_dashboard_app(settings: Settings) -> FastAPI:
     """`taoflow dashboard`: the dashboard alone (no model loaded)."""
-    from serving.exceptions import ServingError
-
     app = FastAPI(title="taoflow dashboard", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ServingError)

@@ -55,6 +55,8 @@ from serving.guard import PRINCIPAL, Guard
 from serving.router import BASE, Decision, Operator, Router
 from serving.sessions import Sessions
 from serving.upstream import Tally, UpstreamError, reply_text
+from taoflow.broker import assign_from_start, reachable
+from taoflow.emitter import Emitter
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -258,15 +260,11 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from taoflow.broker import reachable
-
         self.loop = asyncio.get_running_loop()
         await self.backend.start()
         if self.kafka is None:
             self.kafka = reachable(self.settings.bootstrap, timeout=1.0)
         if self.emitter is None:
-            from taoflow.emitter import Emitter
-
             self.emitter = Emitter(self.settings, agent_id=self.cfg.agent_id)
         self.ready = asyncio.Event()
         if self.kafka:
@@ -309,8 +307,6 @@ class Gateway:
         )
         await consumer.start()
         try:
-            from taoflow.broker import assign_from_start
-
             tps = await assign_from_start(consumer, (names.UTILITIES, names.ADAPTERS))
             ends = await consumer.end_offsets(tps)
             pending = {tp for tp, end in ends.items() if end > 0}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from learners.actr import select_operator
+from serving.exceptions import BadRequest
 from serving.release import Evidence, SequentialTest
 from taoflow.settings import OperatorSpec
 
@@ -102,8 +103,6 @@ class Router:
             else:
                 pool = {s.name: s for s in self.strategies(task_type)}
                 if strategy not in pool:
-                    from serving.exceptions import BadRequest
-
                     raise BadRequest(
                         f"unknown operator {strategy!r} for task type {task_type!r}; known: {', '.join(pool)}",
                         code="operator_not_found",

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from schemas.topics import COMPACTED_TOPICS
+
 log = logging.getLogger(__name__)
 
 
@@ -159,8 +161,6 @@ def patch_faust_offset_jumps() -> None:
         return st  # type: ignore[no-any-return]
 
     def guarded(self: Any, topic: str) -> bool:
-        from schemas.topics import COMPACTED_TOPICS
-
         return bool(self.app.topics.acks_enabled_for(topic)) and topic not in COMPACTED_TOPICS
 
     async def perform_seek(self: Any) -> None:

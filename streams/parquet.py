@@ -31,21 +31,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas import topics as names
 from streams import store
+from streams.lake import LAKE_TABLES, open_root
 from streams.landing import landing_consumer_config, to_rows
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# table -> (source topic, hive partition columns)
-LAKE_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "interactions": (names.INTERACTIONS, ("date", "task_type")),
-    "scores": (names.SCORES, ("date", "task_type")),
-    "utility_history": (names.UTILITIES, ("date", "task_type")),
-    "feedback": (names.FEEDBACK, ("date",)),
-    "dead_letters": (names.DEAD_LETTERS, ("date",)),
-}
 TOPIC_TABLE = {topic: table for table, (topic, _) in LAKE_TABLES.items()}
 _FILE = re.compile(r"^(?P<topic>.+)-p(?P<p>\d+)-o(?P<o>\d+)-(?P<w>[0-9a-f]+)\.parquet(?P<tmp>\.tmp)?$")
 _SCHEMAS: dict[str, pa.Schema] = {}
@@ -66,33 +58,6 @@ def arrow_schema(table: str) -> pa.Schema:
             _SCHEMAS[t] = pa.schema(fields)
         con.close()
     return _SCHEMAS[table]
-
-
-def open_root(url: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, root path inside it) for a directory or URL."""
-    from pathlib import Path
-
-    from pyarrow import fs
-
-    if "://" not in url:
-        path = Path(url).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        return fs.LocalFileSystem(), path.as_posix()
-    filesystem, root = fs.FileSystem.from_uri(url)
-    if isinstance(filesystem, fs.LocalFileSystem):
-        filesystem.create_dir(root, recursive=True)
-    return filesystem, root.rstrip("/")
-
-
-def glob_url(url: str, table: str) -> str:
-    """What DuckDB's read_parquet reads for a table (local paths resolved; URLs as given)."""
-    if "://" not in url:
-        from pathlib import Path
-
-        return f"{Path(url).expanduser().resolve().as_posix()}/{table}/**/*.parquet"
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    return f"{url.rstrip('/')}/{table}/**/*.parquet"
 
 
 def _hive_dir(table: str, date: str, task_type: str | None) -> str:
@@ -272,54 +237,3 @@ class ParquetLander:
 
 
 # -- reading it back -------------------------------------------------------------------------------------
-
-_DEDUPE_KEYS = {t: store.KEYS[t] for t in LAKE_TABLES}
-
-
-_PRESENT: set[tuple[str, str]] = set()  # (url, table) known to have files (files are never all removed)
-
-
-def has_files(url: str, table: str) -> bool:
-    if (url, table) in _PRESENT:
-        return True
-    if "://" not in url or url.startswith("file://"):
-        import glob
-
-        found = next(glob.iglob(glob_url(url, table), recursive=True), None) is not None
-    else:
-        from pyarrow import fs
-
-        filesystem, root = open_root(url)
-        selector = fs.FileSelector(f"{root}/{table}", recursive=True, allow_not_found=True)
-        found = any(i.base_name.endswith(".parquet") for i in filesystem.get_file_info(selector))
-    if found:
-        _PRESENT.add((url, table))
-    return found
-
-
-def lake_views(con: Any, url: str, schema: str = "lake") -> list[str]:
-    """(Re)create `<schema>.<table>` views over the Parquet files, one row per event key (a producer may have
-    sent an event twice), with the hive `date` column; a table with no file yet gets an empty view of the same
-    columns (needs `main.<table>`). Returns the tables that have files."""
-    con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-    present = []
-    for table, (_, hive) in LAKE_TABLES.items():
-        if has_files(url, table):
-            present.append(table)
-            types = ", ".join(f"'{c}': {'DATE' if c == 'date' else 'VARCHAR'}" for c in hive)
-            src = (
-                f"read_parquet('{glob_url(url, table)}', hive_partitioning = true, union_by_name = true, "
-                f"hive_types = {{{types}}})"
-            )
-            keys = ", ".join(_DEDUPE_KEYS[table])
-            con.execute(
-                f"CREATE OR REPLACE VIEW {schema}.{table} AS SELECT * FROM {src} "
-                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY landed_at) = 1"
-            )
-        else:
-            con.execute(f"CREATE TABLE IF NOT EXISTS {schema}._empty_{table} AS SELECT * FROM main.{table} LIMIT 0")
-            con.execute(f"ALTER TABLE {schema}._empty_{table} ADD COLUMN IF NOT EXISTS landed_at TIMESTAMPTZ")
-            con.execute(
-                f"CREATE OR REPLACE VIEW {schema}.{table} AS SELECT *, NULL::DATE AS date FROM {schema}._empty_{table}"
-            )
-    return present

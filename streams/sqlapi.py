@@ -150,7 +150,7 @@ class LakeViews:
         self.present: tuple[str, ...] | None = None
 
     def refresh(self, con: Any) -> None:
-        from streams.parquet import LAKE_TABLES, has_files, lake_views
+        from streams.lake import LAKE_TABLES, has_files, lake_views
 
         present = tuple(t for t in LAKE_TABLES if has_files(self.url, t))
         if present != self.present:
@@ -164,7 +164,7 @@ def _lake_connection(path: Path, url: str) -> Any:
     import duckdb
 
     from streams import store
-    from streams.parquet import LAKE_TABLES
+    from streams.lake import LAKE_TABLES
 
     con = duckdb.connect()
     con.execute(store.DDL)

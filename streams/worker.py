@@ -12,6 +12,7 @@ import time
 from streams.exceptions import WorkerError
 from taoflow.broker import ensure_topics, reachable, wait_for_kafka
 from taoflow.exceptions import BrokerError
+from taoflow.metrics import CountersCollector, serve_metrics
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     app, ctx = build_app(settings)
     if settings.stream.metrics_port:
         from prometheus_client import CollectorRegistry
-
-        from taoflow.metrics import CountersCollector, serve_metrics
 
         registry = CollectorRegistry()
         registry.register(CountersCollector("taoflow_worker_events", "Events the stream processors handled, by kind "

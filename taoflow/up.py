@@ -109,7 +109,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.settings.core.data_dir.mkdir(parents=True, exist_ok=True)
-        from learners.tao import default_base_model
+        from learners.models import default_base_model
 
         default_base_model(self.settings)  # build the tiny model once, before learner and gateway both want it
         for child in self.children:

@@ -9,6 +9,8 @@ from typing import Any
 
 from learners.exceptions import ScorerConfigError
 from learners.rewards import rules
+from learners.rewards.judge import LlmJudge
+from learners.rewards.reward_model import RewardModel
 from learners.rewards.specs import (
     ArithmeticSpec,
     ExactMatchSpec,
@@ -19,6 +21,7 @@ from learners.rewards.specs import (
     RegexSpec,
     RewardModelSpec,
 )
+from learners.tasks import arithmetic_reward
 
 RewardFn = Callable[..., list[float | None]] | Callable[..., list[float]]
 
@@ -85,18 +88,12 @@ def build_scorer(spec: Any, *, device: str | None = None) -> Scorer:
         fn = REWARD_FUNCTIONS.get(spec.callable) or load_callable(spec.callable)
         return Scorer(spec.part, spec.weight, fn, dict(spec.options), tt)
     if isinstance(spec, RewardModelSpec):
-        from learners.rewards.reward_model import RewardModel
-
         model = RewardModel(
             spec.path, batch_size=spec.batch_size, max_length=spec.max_length, device=spec.device or device or "auto"
         )
         return Scorer(spec.part, spec.weight, model, {}, tt)
     if isinstance(spec, ArithmeticSpec):
-        from learners.tasks import arithmetic_reward
-
         return Scorer(spec.part, spec.weight, arithmetic_reward, {}, tt)
     if isinstance(spec, LlmJudgeSpec):
-        from learners.rewards.judge import LlmJudge
-
         return Scorer(spec.part, spec.weight, LlmJudge(spec), {}, tt)
     raise ScorerConfigError(f"unknown scorer spec {spec!r}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from learners.exceptions import ScorerConfigError
+from learners.exceptions import LearnerError, ScorerConfigError
+from learners.generation import resolve_device
 
 
 class RewardModel:
@@ -25,8 +26,6 @@ class RewardModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        from learners.exceptions import LearnerError
-        from learners.generation import resolve_device
 
         try:
             self.device = resolve_device(device)
