@@ -26,7 +26,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from schemas import AdapterEvent, UtilityEvent
@@ -52,6 +51,17 @@ from serving.auth import OPEN, Keyring, Principal
 from serving.backends import Backend, Generation, GenRequest
 from serving.exceptions import BadRequest, RateLimited, ServingError
 from serving.guard import PRINCIPAL, Guard
+from serving.protocol import (
+    SESSION_ID,
+    ChatRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    captured_message,
+    check_label,
+    message_text,
+    refuse_unsupported_locally,
+    session_of,
+)
 from serving.router import BASE, Decision, Operator, Router
 from serving.sessions import Sessions
 from serving.upstream import Tally, UpstreamError, reply_text
@@ -64,105 +74,8 @@ log = logging.getLogger(__name__)
 TASK_HEADER = "x-taoflow-task-type"
 OPERATOR_HEADER = "x-taoflow-operator"
 AGENT_HEADER = "x-taoflow-agent"
-SESSION_HEADER = "x-taoflow-session"
-STEP_HEADER = "x-taoflow-step"
-SESSION_ID = re.compile(r"[A-Za-z0-9._:/@-]{1,256}")
-MAX_STEP = 1_000_000
 ID_HEADER = "X-Taoflow-Interaction-Id"
-# task types and agent ids become DuckDB values and metric labels: a plain charset, bounded length
-LABEL = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
-MAX_STOP = 4  # as OpenAI
-MAX_STOP_CHARS = 256
-MAX_N = 16  # choices per request an upstream may be asked for: each costs a full generation
-# what a local model cannot honour: asked for, they get a 400 rather than being silently ignored
-UNSUPPORTED_LOCALLY = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs")
 OTHER = "other"  # the metric label of task types not configured in `operators`
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-
-class _SamplingRequest(BaseModel):
-    """What chat and text completions share; other OpenAI parameters are relayed to an upstream backend whole,
-    and refused by the local backend where it cannot honour them."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    metadata: dict[str, Any] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stops)}")
-        if any(len(x) > MAX_STOP_CHARS for x in stops):
-            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
-        return value
-
-
-class ChatRequest(_SamplingRequest):
-    messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class CompletionRequest(_SamplingRequest):
-    prompt: str
-
-
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    interaction_id: str | None = Field(default=None, min_length=1)
-    session_id: str | None = Field(default=None, min_length=1)  # feedback on a whole multi-step session
-    kind: str
-    value: float
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-def _text(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-
-
-def _label(value: str, what: str) -> str:
-    if not LABEL.fullmatch(value):
-        raise BadRequest(
-            f"{what} {value[:80]!r} is not allowed: use 1 to 64 of letters, digits and . _ : / -", code="invalid_" +
-            what.replace(" ", "_"),
-        )  # fmt: skip
-    return value
-
-
-def _unsupported_locally(req: Any) -> None:
-    """Refuse what the local (transformers) backend cannot serve, naming the field and the way out."""
-    extra = req.model_extra or {}
-    asked = [k for k in UNSUPPORTED_LOCALLY if extra.get(k) not in (None, False, [], "none")]
-    fmt = extra.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        asked.append("response_format")
-    if req.n != 1:
-        asked.append("n")
-    if asked:
-        raise BadRequest(
-            f"the transformers backend cannot serve {', '.join(asked)}: drop them, or put an OpenAI-compatible "
-            "server behind the gateway (TAOFLOW_SERVE_BACKEND=openai or vllm)",
-            code="unsupported_feature",
-        )
 
 
 class _Metrics:
@@ -571,44 +484,6 @@ def _event_time(rec: Any) -> float:
         return float(rec.timestamp or 0) / 1000
 
 
-def _captured_message(m: _Message) -> dict[str, Any]:
-    """A client message as capture keeps it: role, text, and the tool call fields of tool-using turns."""
-    out: dict[str, Any] = {"role": m.role, "content": _text(m.content) if m.content is not None else None}
-    if m.name:
-        out["name"] = m.name
-    extra = m.model_extra or {}
-    for key in ("tool_call_id", "tool_calls"):
-        if extra.get(key) is not None:
-            out[key] = extra[key]
-    if out["content"] is None and "tool_calls" not in out:
-        out["content"] = ""
-    return out
-
-
-def _session(request: Request, meta: dict[str, Any]) -> tuple[str | None, int | None]:
-    """The session id and step a request names (header first, then metadata), checked."""
-    sid = request.headers.get(SESSION_HEADER) or meta.get("session_id")
-    raw_step = request.headers.get(STEP_HEADER) if request.headers.get(STEP_HEADER) is not None else meta.get("step")
-    if sid is None:
-        if raw_step is not None:
-            raise BadRequest("a step needs a session: send X-Taoflow-Session (or metadata.session_id)",
-                             code="invalid_session")  # fmt: skip
-        return None, None
-    sid = str(sid)
-    if not SESSION_ID.fullmatch(sid):
-        raise BadRequest(f"session id {sid[:80]!r} is not allowed: use 1 to 256 of letters, digits and . _ : / @ -",
-                         code="invalid_session")  # fmt: skip
-    if raw_step is None:
-        return sid, None
-    try:
-        step = int(str(raw_step))
-    except ValueError:
-        step = -1
-    if not 0 <= step <= MAX_STEP:
-        raise BadRequest(f"step {str(raw_step)[:20]!r} is not an integer from 0 to {MAX_STEP}", code="invalid_session")
-    return sid, step
-
-
 def build_app(gateway: Gateway) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -693,8 +568,10 @@ def build_app(gateway: Gateway) -> Any:
         """The request's task type, operator (forced when the client chose the operator or the adapter itself;
         a session's first operator for its later steps) and session, as a Call."""
         meta = req.metadata or {}
-        task_type = _label(request.headers.get(TASK_HEADER) or str(meta.get("task_type") or "default"), "task type")
-        session_id, step = _session(request, meta)
+        task_type = check_label(
+            request.headers.get(TASK_HEADER) or str(meta.get("task_type") or "default"), "task type"
+        )
+        session_id, step = session_of(request, meta)
         forced_op = request.headers.get(OPERATOR_HEADER) or meta.get("operator")
         if forced_op is not None:
             forced_op = str(forced_op)
@@ -713,8 +590,8 @@ def build_app(gateway: Gateway) -> Any:
         gw.metrics.operator.labels(label, op.name).inc()
         agent = request.headers.get(AGENT_HEADER)
         if agent is not None:
-            _label(agent, "agent id")
-        prompt = [_captured_message(m) for m in req.messages] if chat else req.prompt
+            check_label(agent, "agent id")
+        prompt = [captured_message(m) for m in req.messages] if chat else req.prompt
         return Call(iid=str(uuid.uuid4()), req=req, chat=chat, task_type=task_type, op=op,
                     forced=forced_op is not None or not routed, principal=principal, agent=agent, prompt=prompt,
                     session_id=session_id, step=step)  # fmt: skip
@@ -738,7 +615,7 @@ def build_app(gateway: Gateway) -> Any:
         op = call.op
         messages = (
             [
-                {"role": m.role, "content": _text(m.content), **({"name": m.name} if m.name else {})}
+                {"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
                 for m in req.messages
             ]
             if chat
@@ -768,7 +645,7 @@ def build_app(gateway: Gateway) -> Any:
             extra["taoflow"].update(session_id=call.session_id, step=call.step)
         if gw.backend.upstream:
             return await relay(relay_body(req, op, chat, max_tokens), call, extra)
-        _unsupported_locally(req)
+        refuse_unsupported_locally(req)
         gw.backend.acquire(op.adapter)
         t0 = time.perf_counter()
         if req.stream:
