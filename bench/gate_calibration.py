@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from learners.gate import decide, spent_alpha  # noqa: E402
 from learners.records import RecordSink  # noqa: E402
-from learners.tao import Round, round_lock  # noqa: E402
+from learners.state import round_lock  # noqa: E402
+from learners.tao import Round  # noqa: E402
 from learners.tasks import arithmetic_prompts, make_warm_model  # noqa: E402
 from taoflow.settings import Settings  # noqa: E402
 

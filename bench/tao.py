@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 from learners import gate  # noqa: E402
 from learners.generation import TransformersGenerator, load_policy, render  # noqa: E402
-from learners.tao import current_adapter, run_round  # noqa: E402
+from learners.state import current_adapter  # noqa: E402
+from learners.tao import run_round  # noqa: E402
 from learners.tasks import (  # noqa: E402
     TASK_TYPES,
     arithmetic_reward,

@@ -15,7 +15,8 @@ from typing import Any
 
 from learners.exceptions import LearnerError
 from learners.records import RecordSink
-from learners.tao import learner_dir, load_rounds, recover, round_lock, run_round
+from learners.state import learner_dir, load_rounds, round_lock
+from learners.tao import METRICS, recover, run_round
 from streams.exceptions import QueryError
 from streams.sqlapi import query
 from taoflow.metrics import serve_metrics
@@ -83,8 +84,6 @@ def run_scheduler(settings: Settings, stop: threading.Event | None = None, run_n
         finally:
             sink.close()
     if settings.learner.metrics_port:
-        from learners.tao import METRICS
-
         serve_metrics(settings.learner.metrics_port, METRICS.registry, "learner", settings.core.metrics_host)
     scheduler = BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{path}")},

@@ -25,14 +25,13 @@ again. Training on CUDA runs in a child process that sees only the selected GPU 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import product
@@ -57,6 +56,17 @@ from learners.models import check_model, default_base_model
 from learners.records import RecordSink
 from learners.rewards.composite import CompositeScorer
 from learners.rewards.registry import build_scorer
+from learners.state import (
+    RoundState,
+    checkpoint,
+    fsync_dir,
+    learner_dir,
+    load_rounds,
+    now_iso,
+    round_lock,
+    staging_dir,
+    write_json_atomic,
+)
 from learners.training import check_trl_overrides, placement
 from schemas import AdapterEvent
 from streams.exceptions import QueryError
@@ -68,7 +78,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("select", "generate", "score", "train", "gate", "publish")
 TERMINAL = frozenset({"published", "gated_out", "skipped", "failed"})
-PAUSE_ENV = "TAOFLOW_LEARNER_PAUSE_AT"  # test seam: park the round at a checkpoint so a test can kill it there
 
 
 class _Metrics:
@@ -125,123 +134,6 @@ class RoundResult:
 # files: the learner directory, atomic writes, the single-round lock
 
 
-def learner_dir(settings: Settings) -> Path:
-    return settings.core.data_dir / "learner"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write `doc` to `path` so that a crash leaves the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(json.dumps(doc, indent=1, default=str).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def round_lock(settings: Settings) -> Iterator[None]:
-    """Only one round at a time per data directory, across processes (`tao run` and `learner` alike)."""
-    path = learner_dir(settings) / "round.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LearnerError(f"another TAO round is running on {settings.core.data_dir}; try again later") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _checkpoint(settings: Settings, point: str) -> None:
-    if os.environ.get(PAUSE_ENV) == point:
-        (learner_dir(settings) / "paused-at").write_text(point)
-        while True:  # parked until killed
-            time.sleep(1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# round state: the state file, mirrored into tao_rounds
-
-
-class RoundState:
-    def __init__(self, settings: Settings, sink: RecordSink, doc: dict[str, Any]) -> None:
-        self.settings = settings
-        self.sink = sink
-        self.doc = doc
-
-    @property
-    def path(self) -> Path:
-        return learner_dir(self.settings) / "rounds" / f"{self.doc['round_id']}.json"
-
-    def save(self, **changes: Any) -> None:
-        self.doc.update(changes)
-        self.doc["seq"] = int(self.doc.get("seq", 0)) + 1
-        write_json_atomic(self.path, self.doc)
-        self.sink.write("tao_rounds", [self.row()])
-
-    def row(self) -> dict[str, Any]:
-        d = self.doc
-        return {
-            "round_id": d["round_id"],
-            "status": d["status"],
-            "stage": d.get("stage"),
-            "started_at": d["started_at"],
-            "finished_at": d.get("finished_at"),
-            "base_model": d["base_model"],
-            "parent_adapter": d.get("parent_adapter"),
-            "adapter": d.get("adapter"),
-            "mode": d["mode"],
-            "k": d["k"],
-            "window_start": d.get("window_start"),
-            "window_end": d.get("window_end"),
-            "prompts": d.get("prompts"),
-            "heldout": d.get("heldout"),
-            "timings": d.get("timings", {}),
-            "metrics": d.get("metrics", {}),
-            "error": d.get("error"),
-            "seq": d["seq"],
-        }
-
-
-def load_rounds(settings: Settings) -> list[dict[str, Any]]:
-    """Every round's state document, oldest first."""
-    out = []
-    for path in sorted((learner_dir(settings) / "rounds").glob("*.json")):
-        with contextlib.suppress(ValueError, OSError):
-            out.append(json.loads(path.read_text()))
-    return out
-
-
-def current_adapter(settings: Settings) -> dict[str, Any] | None:
-    """The adapter the last committed round published (training continues from it), if any."""
-    path = learner_dir(settings) / "current.json"
-    try:
-        doc: dict[str, Any] = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    if not (settings.core.adapters_dir / doc["adapter"] / "manifest.json").exists():
-        log.warning(
-            "current adapter %s is missing from %s; training starts from the base",
-            doc["adapter"],
-            settings.core.adapters_dir,
-        )
-        return None
-    return doc
-
-
 def recover(settings: Settings, sink: RecordSink) -> list[str]:
     """Settle rounds a dead process left `running` (call with the round lock held). Returns their ids."""
     settled = []
@@ -255,12 +147,12 @@ def recover(settings: Settings, sink: RecordSink) -> list[str]:
             log.warning("round %s had committed adapter %s; its records are completed now", doc["round_id"], name)
         else:
             if name:
-                for leftover in (_staging_dir(settings, name), settings.core.adapters_dir / name):
+                for leftover in (staging_dir(settings, name), settings.core.adapters_dir / name):
                     shutil.rmtree(leftover, ignore_errors=True)
             stage = doc.get("stage") or "start"
             state.save(
                 status="failed",
-                finished_at=_now(),
+                finished_at=now_iso(),
                 adapter=None,
                 error=f"interrupted during {stage}: the process died before the round finished",
             )
@@ -272,14 +164,6 @@ def recover(settings: Settings, sink: RecordSink) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-def _staging_dir(settings: Settings, name: str) -> Path:
-    return settings.core.adapters_dir / f".staging-{name}"
 
 
 def _sql_str(value: str) -> str:
@@ -384,7 +268,7 @@ class Round:
                 "round_id": rid,
                 "status": "running",
                 "stage": None,
-                "started_at": _now(),
+                "started_at": now_iso(),
                 "base_model": self.base_model,
                 "parent_adapter": self.parent_name,
                 "parent_from": self.cfg.parent_from,
@@ -461,10 +345,10 @@ class Round:
         except Exception as exc:
             log.exception("round %s failed", self.round_id)
             self.state.save(
-                status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}", metrics=self.metrics
+                status="failed", finished_at=now_iso(), error=f"{type(exc).__name__}: {exc}", metrics=self.metrics
             )
             if doc.get("adapter_name") and not doc.get("committed"):
-                shutil.rmtree(_staging_dir(self.settings, doc["adapter_name"]), ignore_errors=True)
+                shutil.rmtree(staging_dir(self.settings, doc["adapter_name"]), ignore_errors=True)
                 shutil.rmtree(self.settings.core.adapters_dir / doc["adapter_name"], ignore_errors=True)
             return RoundResult(self.round_id, "failed", None, self.metrics, doc["timings"], str(exc))
         finally:
@@ -484,7 +368,7 @@ class Round:
 
     def _end(self, status: str, reason: str) -> RoundResult:
         log.info("round %s %s: %s", self.round_id, status, reason)
-        self.state.save(status=status, finished_at=_now(), error=reason, metrics=self.metrics)
+        self.state.save(status=status, finished_at=now_iso(), error=reason, metrics=self.metrics)
         return RoundResult(self.round_id, status, None, self.metrics, self.state.doc["timings"], reason)
 
     # -- stages -----------------------------------------------------------------------------------------------
@@ -540,7 +424,7 @@ class Round:
         self.metrics["prompts_selected"] = len(prompts)
         for task in sorted({p.task_type for p in prompts}):
             self.metrics[f"task.{task}.selected"] = float(sum(p.task_type == task for p in prompts))
-        _checkpoint(self.settings, "select")
+        checkpoint(self.settings, "select")
         return prompts
 
     def split(self, prompts: list[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
@@ -655,7 +539,7 @@ class Round:
         del gen
         self._count_engines()
         release_cuda()
-        _checkpoint(self.settings, "generate")
+        checkpoint(self.settings, "generate")
         return out
 
     def score(self, prompts: list[Prompt], candidates: dict[str, list[dict[str, Any]]]) -> Any:
@@ -712,7 +596,7 @@ class Round:
                 "%d of %d prompts: all candidates scored the same; %d: no scorer applies",
                 uniform, len(prompts), unscorable,
             )  # fmt: skip
-        _checkpoint(self.settings, "score")
+        checkpoint(self.settings, "score")
         return sets
 
     def _used(self, sets: Any) -> list[dict[str, Any]]:
@@ -753,7 +637,7 @@ class Round:
             elif start is not None:
                 shutil.copytree(start, out)  # rft+grpo with no prompt for GRPO: the RFT adapter is the result
         release_cuda()  # what training left in PyTorch's cache, before the engine wakes or is built again
-        _checkpoint(self.settings, "train")
+        checkpoint(self.settings, "train")
 
     def respond(self, prompts: list[Prompt], adapter: Path | None) -> list[list[str]]:
         """Responses as the gateway would serve them: the plain prompt, the gateway's sampling settings.
@@ -815,7 +699,7 @@ class Round:
         self.gate_reason = decision.reason
         self.state.doc["heldout_prompts"] = sorted(p.hash for p in heldout)
         self.state.save(gated=True, gate_reason=decision.reason)
-        _checkpoint(self.settings, "gate")
+        checkpoint(self.settings, "gate")
         return decision.publish
 
     def _manifest(self, name: str, sha: str, per_file: dict[str, str]) -> dict[str, Any]:
@@ -862,7 +746,7 @@ class Round:
             "metrics": self.metrics,
             "sha256": sha,
             "files": per_file,
-            "created_at": _now(),
+            "created_at": now_iso(),
         }
 
     def publish(self, adapter_dir: Path) -> None:
@@ -870,7 +754,7 @@ class Round:
         self.reporter.stage("publish")
         name = f"tao-{self.round_id}"
         final = self.settings.core.adapters_dir / name
-        staging = _staging_dir(self.settings, name)
+        staging = staging_dir(self.settings, name)
         self.state.save(adapter_name=name)  # recovery knows what to clean up from here on
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(adapter_dir, staging)
@@ -879,12 +763,12 @@ class Round:
             with open(staging / rel, "rb") as fh:
                 os.fsync(fh.fileno())
         write_json_atomic(staging / "manifest.json", self._manifest(name, sha, per_file))
-        _checkpoint(self.settings, "publish:staged")
+        checkpoint(self.settings, "publish:staged")
         os.replace(staging, final)
-        _fsync_dir(final.parent)
-        _checkpoint(self.settings, "publish:renamed")
+        fsync_dir(final.parent)
+        checkpoint(self.settings, "publish:renamed")
         self.state.doc.update(adapter=name, sha256=sha, path=str(final))
-        self.state.save(committed=True, committed_at=_now())  # the commit point
+        self.state.save(committed=True, committed_at=now_iso())  # the commit point
         _announce(self.settings, self.sink, self.state)
 
 
@@ -905,7 +789,7 @@ def _announce(settings: Settings, sink: RecordSink, state: RoundState) -> None:
         metrics=metrics,
     )
     sink.adapter_event(event)
-    state.save(status="published", adapter=name, finished_at=d.get("finished_at") or _now())
+    state.save(status="published", adapter=name, finished_at=d.get("finished_at") or now_iso())
 
 
 def run_round(settings: Settings, reporter: Reporter | None = None, *, prefer_kafka: bool = True) -> RoundResult:

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 
 from learners.scheduler import JOB_ID, new_prompts
-from learners.tao import learner_dir
+from learners.state import learner_dir
 from learners.tasks import arithmetic_prompts
 from tests.learners.conftest import land_prompts, learner_settings
 

@@ -15,7 +15,8 @@ import pytest
 
 from learners.exceptions import LearnerError
 from learners.records import RecordSink
-from learners.tao import STAGES, Round, learner_dir, round_lock, run_round
+from learners.state import learner_dir, round_lock
+from learners.tao import STAGES, Round, run_round
 from learners.tasks import arithmetic_prompts
 from tests.learners.conftest import announce, land_prompts, learner_settings
 
