@@ -317,7 +317,7 @@ def dashboard(port: int) -> None:
 @cli.command()
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for repeatable runs.")
 @click.option("--events", type=int, default=3000, show_default=True, help="Requests the agents send.")
-@click.option("--fast", is_flag=True, help="A shortened run (1,500 requests).")
+@click.option("--fast", is_flag=True, help="A shortened run (1,500 requests, 50 training steps).")
 def demo(seed: int, events: int, fast: bool) -> None:
     """The end-to-end demo on embedded defaults (what `make demo` runs).
 
@@ -342,7 +342,8 @@ def demo(seed: int, events: int, fast: bool) -> None:
     n = 1500 if fast else events
     where = "the embedded broker" if settings.embedded else settings.bootstrap
     console.print(f"[bold]taoflow demo[/]: {n} requests through the gateway and {where}; data in {data_dir}")
-    result = run_demo(settings, events=n, seed=seed, log=lambda msg: console.print(msg, highlight=False))
+    result = run_demo(settings, events=n, seed=seed, train_steps=50 if fast else 100,
+                      log=lambda msg: console.print(msg, highlight=False))  # fmt: skip
     table = Table("task", "operator", "true quality", "learned utility", title="What the loop learned")
     for column in table.columns:
         column.overflow = "fold"  # adapter names (`direct@tao-2026...`) are what users copy: never cut them

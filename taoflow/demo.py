@@ -134,7 +134,9 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
 DEMO_CANARY_REWARDS = 150  # production default: 20,000 (settings: serve.release_max_rewards)
 
 
-def run_demo(settings: Settings, *, events: int = 1600, seed: int = 0, log: Any = None) -> DemoResult:
+def run_demo(
+    settings: Settings, *, events: int = 1600, seed: int = 0, train_steps: int = 100, log: Any = None
+) -> DemoResult:
     """Run the loop end to end (see the module docstring); `log(message)` reports progress."""
     import uvicorn
 
@@ -165,7 +167,7 @@ def run_demo(settings: Settings, *, events: int = 1600, seed: int = 0, log: Any 
         # test deciding on live traffic. The demo's 100 single-digit sums leave too few unseen questions for a round
         # to show a real held-out gain; in production the gate refuses such rounds (TAOFLOW_LEARNER_GATE_MARGIN).
         "learner": {"gate_margin": -1.0, "gate_task_margin": 1.0,
-                    "scorers": [{"type": "arithmetic"}], "task_types": ["math"], "k": 16, "steps": 100,
+                    "scorers": [{"type": "arithmetic"}], "task_types": ["math"], "k": 16, "steps": train_steps,
                     "learning_rate": 2e-3, "batch_prompts": 8, "max_new_tokens": 4, "temperatures": [1.0],
                     "lora_r": 16, "lora_alpha": 32, "max_prompts": 1000, "seed": seed},
         "stream": {"scorers": SCORERS, "alpha": 0.05},
