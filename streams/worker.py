@@ -13,6 +13,7 @@ from streams.exceptions import WorkerError
 from taoflow.broker import ensure_topics, reachable, wait_for_kafka
 from taoflow.exceptions import BrokerError
 from taoflow.metrics import CountersCollector, serve_metrics
+from taoflow.restart import Backoff
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class LanderSupervisor:
     def __init__(self, settings: Settings) -> None:
         self.env = {**os.environ, **settings.environ()}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="lander-supervisor", daemon=True)
 
@@ -36,15 +38,16 @@ class LanderSupervisor:
         # an orphan whose first parent is already init, and that never notices it is orphaned
         env = {**self.env, "_TAOFLOW_LANDER_PARENT": str(os.getpid())}
         self.proc = subprocess.Popen([sys.executable, "-m", "streams.lander"], env=env)
+        self.started = time.monotonic()
 
     def _watch(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(first=0.5)
         while not self._stop.wait(0.5):
             if self.proc is not None and self.proc.poll() is not None:
-                log.warning("lander exited with %s; restarting in %.1fs", self.proc.returncode, backoff)
-                if self._stop.wait(backoff):
+                wait = backoff.delay(ran_for=time.monotonic() - self.started)
+                log.warning("lander exited with %s; restarting in %.1fs", self.proc.returncode, wait)
+                if self._stop.wait(wait):
                     return
-                backoff = min(backoff * 2, 30.0)
                 self._spawn()
 
     def stop(self) -> None:

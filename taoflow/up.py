@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from taoflow.restart import Backoff
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     restarts: int = 0
-    backoff: float = 1.0
+    backoff: Backoff = field(default_factory=Backoff)
     next_start: float = 0.0
     history: list[int] = field(default_factory=list)  # pids, oldest first
 
@@ -123,11 +124,9 @@ class Supervisor:
                 if proc is not None and proc.poll() is not None:
                     code = proc.returncode
                     child.proc = None
-                    if now - child.started > 60:
-                        child.backoff = 1.0
-                    child.next_start = now + child.backoff
-                    log.warning("%s exited with %s; restarting in %.0fs", child.name, code, child.backoff)
-                    child.backoff = min(30.0, child.backoff * 2)
+                    wait = child.backoff.delay(ran_for=now - child.started)
+                    child.next_start = now + wait
+                    log.warning("%s exited with %s; restarting in %.0fs", child.name, code, wait)
                 elif proc is None and now >= child.next_start:
                     child.restarts += 1
                     self._spawn(child)

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("schemas", "streams", "learners", "serving", "taoflow")
 GROUND = (
     "schemas", "taoflow.exceptions", "taoflow.settings", "taoflow.lora", "taoflow.metrics", "taoflow.broker",
-    "taoflow.spool", "taoflow.emitter", "learners.exceptions", "learners.actr", "learners.rewards", "learners.models",
+    "taoflow.spool", "taoflow.emitter", "taoflow.restart", "learners.exceptions", "learners.actr", "learners.rewards",
+    "learners.models",
     "learners.generation", "learners.tasks", "streams.exceptions", "streams.store", "streams.sqlguard",
     "streams.sqlapi", "streams.lake", "serving.exceptions",
 )  # fmt: skip
