@@ -1,8 +1,11 @@
 """The OpenAI-compatible gateway: routes each request to an operator, serves it, captures it as an interaction.
 
-Endpoints: `/v1/chat/completions` (also streaming), `/v1/completions`, `/v1/models`, `/v1/feedback`,
-`/healthz`, `/metrics`, and `/admin/*` (admin scope). Errors use OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, with the matching HTTP status.
+This module keeps the gateway's state (`Gateway`: backend, router, sessions, emitter, the adapter-event feed that
+hot-swaps adapters, capture) and assembles the app. The endpoints are thin routers, one module per group:
+`serving.completions` (`/v1/chat/completions`, also streaming, `/v1/completions`, `/v1/models`), `serving.feedback`
+(`/v1/feedback`) and `serving.admin` (`/healthz`, `/metrics`, `/admin/*`, admin scope); their request models are in
+`serving.protocol`. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the matching
+HTTP status (`serving.http`).
 
 Task type comes from the `X-Taoflow-Task-Type` header or `metadata.task_type`; an operator can be forced
 with `X-Taoflow-Operator` / `metadata.operator`, an adapter by asking for it as the model: such requests are
@@ -26,56 +29,34 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
-from starlette.background import BackgroundTask
 
 from schemas import AdapterEvent, UtilityEvent
 from schemas import topics as names
 from schemas.adapters import AdapterAction
-from schemas.base import format_errors, parse_event
+from schemas.base import parse_event
 from schemas.fast import fast_utility
-from schemas.feedback import FeedbackEvent
 from schemas.interactions import InteractionEvent
+from serving import admin, completions, feedback
 from serving.adapters import ADAPTER_NAME, adapter_dir, verify_adapter
 from serving.auth import OPEN, Keyring, Principal
-from serving.backends import Backend, Generation, GenRequest
-from serving.exceptions import BadRequest, RateLimited, ServingError
+from serving.backends import Backend, Generation
+from serving.dashboard import add_dashboard
+from serving.exceptions import BadRequest
 from serving.guard import PRINCIPAL, Guard
-from serving.protocol import (
-    SESSION_ID,
-    ChatRequest,
-    CompletionRequest,
-    FeedbackRequest,
-    captured_message,
-    check_label,
-    message_text,
-    refuse_unsupported_locally,
-    session_of,
-)
-from serving.router import BASE, Decision, Operator, Router
+from serving.http import install_error_handlers
+from serving.protocol import Call
+from serving.router import Decision, Operator, Router
 from serving.sessions import Sessions
-from serving.upstream import Tally, UpstreamError, reply_text
 from taoflow.broker import assign_from_start, reachable
 from taoflow.emitter import Emitter
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
-
-TASK_HEADER = "x-taoflow-task-type"
-OPERATOR_HEADER = "x-taoflow-operator"
-AGENT_HEADER = "x-taoflow-agent"
-ID_HEADER = "X-Taoflow-Interaction-Id"
-OTHER = "other"  # the metric label of task types not configured in `operators`
 
 
 class _Metrics:
@@ -110,34 +91,6 @@ class _Metrics:
             ["task_type", "operator"],
             registry=self.registry,
         )
-
-
-@dataclass
-class Call:
-    """One request as the gateway handles it: who asked, how it was routed, and what its capture records."""
-
-    iid: str
-    req: Any  # the parsed ChatRequest or CompletionRequest
-    chat: bool
-    task_type: str
-    op: Operator
-    forced: bool  # the client chose the operator or adapter: captured, never in utilities
-    principal: Principal
-    agent: str | None  # the X-Taoflow-Agent header, as sent
-    prompt: Any  # as the client sent it: the messages (tool calls and results included) or the text
-    session_id: str | None = None
-    step: int | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return "chat" if self.chat else "completions"
-
-    def headers(self) -> dict[str, str]:
-        out = {ID_HEADER: self.iid, "X-Taoflow-Operator": self.op.name, "X-Taoflow-Adapter": self.op.adapter or "base",
-               "X-Taoflow-Task-Type": self.task_type}  # fmt: skip
-        if self.session_id is not None:
-            out.update({"X-Taoflow-Session": self.session_id, "X-Taoflow-Step": str(self.step)})
-        return out
 
 
 class Gateway:
@@ -485,6 +438,8 @@ def _event_time(rec: Any) -> float:
 
 
 def build_app(gateway: Gateway) -> Any:
+    """The FastAPI app: the guard before every body, the dashboard, and one router per group of endpoints."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
@@ -494,386 +449,11 @@ def build_app(gateway: Gateway) -> Any:
             await gateway.close()
 
     app = FastAPI(title="taoflow gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
-    gw = gateway
-
-    def error(exc: ServingError) -> JSONResponse:
-        # an upstream's own error object (its message, type, param, code) goes back as it came
-        err = getattr(exc, "error", None) or {"message": str(exc), "type": exc.type, "param": None, "code": exc.code}
-        body = {"error": err}
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        if isinstance(exc, RateLimited):
-            headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
-        return JSONResponse(body, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(ServingError)
-    async def on_serving_error(request: Request, exc: ServingError) -> JSONResponse:
-        return error(exc)
-
-    @app.exception_handler(Exception)
-    async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return error(ServingError(f"internal error: {type(exc).__name__}"))
-
+    install_error_handlers(app)
     # authentication, rate limits and size caps before any body is read; metrics by route template
-    app.add_middleware(Guard, gateway=gw)
-
-    async def body_of(request: Request, model: type[BaseModel]) -> Any:
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > gw.cfg.max_request_bytes:
-                raise BadRequest(
-                    f"request body exceeds the limit of {gw.cfg.max_request_bytes} bytes",
-                    status=413,
-                    code="request_too_large",
-                )
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(doc, dict):
-            raise BadRequest("the body must be a JSON object", code="invalid_json")
-        try:
-            return model.model_validate(doc)
-        except ValidationError as exc:
-            raise BadRequest(format_errors(model, exc), code="invalid_request") from None
-
-    from serving.dashboard import add_dashboard
-
-    add_dashboard(app, gw.settings)
-
-    @app.get("/healthz")
-    async def healthz() -> JSONResponse:
-        # public, so it says only up or down; routing state and adapters are in /admin/state
-        ok = await gw.backend.health()
-        return JSONResponse({"status": "ok" if ok else "backend_down"}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")  # admin or metrics key (the guard); open only in the no-auth mode
-    async def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        now = int(time.time())
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [{"id": m, "object": "model", "created": now, "owned_by": "taoflow"} for m in gw.models()],
-            }
-        )
-
-    def route(request: Request, req: Any, principal: Principal, chat: bool) -> Call:
-        """The request's task type, operator (forced when the client chose the operator or the adapter itself;
-        a session's first operator for its later steps) and session, as a Call."""
-        meta = req.metadata or {}
-        task_type = check_label(
-            request.headers.get(TASK_HEADER) or str(meta.get("task_type") or "default"), "task type"
-        )
-        session_id, step = session_of(request, meta)
-        forced_op = request.headers.get(OPERATOR_HEADER) or meta.get("operator")
-        if forced_op is not None:
-            forced_op = str(forced_op)
-            target = forced_op.partition("@")[2]
-            if target and target != BASE and target not in gw.backend.adapters:
-                raise BadRequest(f"adapter {target[:80]!r} is not loaded", status=404, code="model_not_found")
-        routed, adapter = gw.resolve_model(req.model)
-        op = None
-        if session_id is not None and forced_op is None and routed:
-            op = sticky(principal, session_id, task_type)
-        if op is None:
-            op = gw.router.choose(task_type, operator=forced_op, adapter=None if routed else adapter)
-        if session_id is not None:
-            step = gw.sessions.record(principal.caller, session_id, task_type, op.name, step)
-        label = task_type if task_type in gw.task_labels else OTHER
-        gw.metrics.operator.labels(label, op.name).inc()
-        agent = request.headers.get(AGENT_HEADER)
-        if agent is not None:
-            check_label(agent, "agent id")
-        prompt = [captured_message(m) for m in req.messages] if chat else req.prompt
-        return Call(iid=str(uuid.uuid4()), req=req, chat=chat, task_type=task_type, op=op,
-                    forced=forced_op is not None or not routed, principal=principal, agent=agent, prompt=prompt,
-                    session_id=session_id, step=step)  # fmt: skip
-
-    def sticky(principal: Principal, session_id: str, task_type: str) -> Operator | None:
-        """The operator of the session's earlier steps, while its strategy is configured and its adapter loaded."""
-        known = gw.sessions.get(principal.caller, session_id)
-        if known is None or known.task_type != task_type:
-            return None
-        target = known.operator.partition("@")[2]
-        if target and target != BASE and target not in gw.backend.adapters:
-            return None  # rolled back or unloaded since: the session is routed afresh
-        try:
-            return gw.router.choose(task_type, operator=known.operator)
-        except BadRequest:
-            return None  # its strategy is no longer configured
-
-    async def serve(request: Request, req: Any, endpoint: str) -> Any:
-        chat = endpoint == "chat"
-        call = route(request, req, gw.principal(request), chat)
-        op = call.op
-        messages = (
-            [
-                {"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
-                for m in req.messages
-            ]
-            if chat
-            else None
-        )
-        shaped = gw.apply_operator(op, messages, None if chat else req.prompt)
-        max_tokens = min(
-            req.max_tokens or getattr(req, "max_completion_tokens", None) or gw.cfg.max_tokens, gw.cfg.max_tokens
-        )
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        gen_req = GenRequest(
-            messages=shaped if chat else None,
-            prompt=None if chat else shaped,
-            adapter=op.adapter,
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop=stop,
-            seed=req.seed,
-        )
-        created = int(time.time())
-        extra: dict[str, Any] = {
-            "interaction_id": call.iid,
-            "taoflow": {"operator": op.name, "adapter": op.adapter, "task_type": call.task_type},
-        }
-        if call.session_id is not None:
-            extra["taoflow"].update(session_id=call.session_id, step=call.step)
-        if gw.backend.upstream:
-            return await relay(relay_body(req, op, chat, max_tokens), call, extra)
-        refuse_unsupported_locally(req)
-        gw.backend.acquire(op.adapter)
-        t0 = time.perf_counter()
-        if req.stream:
-            return StreamingResponse(stream(gen_req, call, created, extra, t0), media_type="text/event-stream",
-                                     headers=call.headers())  # fmt: skip
-        try:
-            gen = await gw.backend.generate(gen_req)
-        finally:
-            await gw.backend.release(op.adapter)
-        gw.capture(call, gen, (time.perf_counter() - t0) * 1000, stream=False, served=gen_req.served)
-        usage = {
-            "prompt_tokens": gen.prompt_tokens,
-            "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-        }
-        if chat:
-            body = {
-                "id": f"chatcmpl-{call.iid}",
-                "object": "chat.completion",
-                "created": created,
-                "model": req.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": gen.text},
-                        "finish_reason": gen.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": usage,
-                **extra,
-            }
-        else:
-            body = {
-                "id": f"cmpl-{call.iid}",
-                "object": "text_completion",
-                "created": created,
-                "model": req.model,
-                "choices": [{"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None}],
-                "usage": usage,
-                **extra,
-            }
-        return JSONResponse(body, headers=call.headers())
-
-    async def stream(
-        gen_req: GenRequest, call: Call, created: int, extra: dict[str, Any], t0: float
-    ) -> AsyncIterator[bytes]:
-        chat, req = call.chat, call.req
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        cid = f"chatcmpl-{call.iid}" if chat else f"cmpl-{call.iid}"
-
-        def chunk(delta: str | None, finish: str | None = None, role: bool = False) -> bytes:
-            if chat:
-                d: dict[str, Any] = {"role": "assistant"} if role else {}
-                if delta:
-                    d["content"] = delta
-                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            doc = {"id": cid, "object": obj, "created": created, "model": req.model, "choices": [choice], **extra}
-            return b"data: " + orjson.dumps(doc) + b"\n\n"
-
-        text = ""
-        try:
-            if chat:
-                yield chunk(None, role=True)
-            async for piece in gw.backend.stream(gen_req):
-                text += piece
-                yield chunk(piece)
-            finish = gen_req.finish_reason or "stop"
-            yield chunk(None, finish)
-            yield b"data: [DONE]\n\n"
-        except ServingError as exc:
-            err = {"error": {"message": str(exc), "type": exc.type, "code": exc.code}}
-            yield b"data: " + orjson.dumps(err) + b"\n\n"
-            return
-        finally:
-            await gw.backend.release(call.op.adapter)
-        tok = getattr(gw.backend, "tokenizer", None)
-        n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else 0
-        gen = Generation(text, gen_req.prompt_tokens, n_completion, finish)
-        gw.capture(call, gen, (time.perf_counter() - t0) * 1000, stream=True, served=gen_req.served)
-
-    def after_response(call: Call, gen: Generation, latency_ms: float, served: str | None) -> BackgroundTask:
-        """The capture of a complete, non-streamed reply, run on the event loop once the reply is sent: the capture
-        threads it wakes (the Emitter and its Kafka producer) then never hold the reply back."""
-
-        async def capture() -> None:
-            gw.capture(call, gen, latency_ms, stream=False, served=served)
-
-        return BackgroundTask(capture)
-
-    def relay_body(req: Any, op: Operator, chat: bool, max_tokens: int) -> dict[str, Any]:
-        """The client's body for the upstream: every field it sent, except what routing changes (the model, the
-        operator's system prompt/template) and `metadata` (the gateway's routing and capture channel: it may carry
-        scorer references that must not leave for a third party); token limits held to the gateway's bound."""
-        body: dict[str, Any] = req.model_dump(exclude_unset=True, exclude={"metadata"})
-        body["model"] = gw.backend.model_for(op.adapter)  # type: ignore[attr-defined]
-        if chat:
-            body["messages"] = gw.apply_operator(op, body["messages"], None)
-        else:
-            body["prompt"] = gw.apply_operator(op, None, req.prompt)
-        bounded = [k for k in ("max_tokens", "max_completion_tokens") if k in body]
-        for key in bounded or ["max_tokens"]:
-            body[key] = max_tokens
-        return body
-
-    async def relay(body: dict[str, Any], call: Call, extra: dict[str, Any]) -> Any:
-        """Serve through an OpenAI-compatible upstream: its reply (or stream) comes back whole, with the
-        gateway's interaction id and routing fields added, and is captured once it is complete."""
-        backend: Any = gw.backend
-        op, req = call.op, call.req
-        path = "/chat/completions" if call.chat else "/completions"
-        headers = call.headers()
-
-        def record(gen: Generation, t0: float) -> None:
-            gw.capture(call, gen, (time.perf_counter() - t0) * 1000, stream=bool(req.stream), served=op.adapter)
-
-        backend.acquire(op.adapter)
-        t0 = time.perf_counter()
-        if not req.stream:
-            try:
-                data = await backend.complete(path, body)
-            finally:
-                await backend.release(op.adapter)
-            choice = data["choices"][0] if isinstance(data["choices"][0], dict) else {}
-            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-            finish = choice.get("finish_reason") or "stop"
-            calls = (choice.get("message") or {}).get("tool_calls") or None
-            gen = Generation(reply_text(choice), int(usage.get("prompt_tokens") or 0),
-                             int(usage.get("completion_tokens") or 0), finish, calls)  # fmt: skip
-            latency = (time.perf_counter() - t0) * 1000
-            data["model"] = req.model
-            data.update(extra)
-            return JSONResponse(data, headers=headers, background=after_response(call, gen, latency, op.adapter))
-        try:
-            resp = await backend.open_stream(path, body)  # an upstream error status comes back as that status
-        except BaseException:
-            await backend.release(op.adapter)
-            raise
-
-        async def chunks() -> AsyncIterator[bytes]:
-            tally = Tally()
-            try:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, SSE comments and keep-alives
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    doc = orjson.loads(data)
-                    if isinstance(doc, dict) and "error" in doc and "choices" not in doc:
-                        yield b"data: " + orjson.dumps(doc) + b"\n\n"  # the upstream's own error, as it sent it
-                        return
-                    tally.add(doc)
-                    doc["model"] = req.model
-                    doc.update(extra)
-                    yield b"data: " + orjson.dumps(doc) + b"\n\n"
-                usage = tally.usage
-                calls = [tally.calls[i] for i in sorted(tally.calls)] or None
-                gen = Generation(tally.response(), int(usage.get("prompt_tokens") or 0),
-                                 int(usage.get("completion_tokens") or 0), tally.finish or "stop", calls)  # fmt: skip
-                record(gen, t0)  # before [DONE]: a client that saw the end may look for the interaction at once
-                yield b"data: [DONE]\n\n"
-            except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
-                failed = (backend.api.failure(exc) if isinstance(exc, httpx.HTTPError) else
-                          UpstreamError(f"the upstream sent a malformed stream chunk: {exc}", status=502,
-                                        code="upstream_error"))  # fmt: skip
-                log.warning("interaction %s: upstream stream cut: %s", call.iid, failed)
-                yield b"data: " + orjson.dumps({"error": failed.error}) + b"\n\n"
-                return
-            finally:
-                await resp.aclose()
-                await backend.release(op.adapter)
-
-        return StreamingResponse(chunks(), media_type="text/event-stream", headers=headers)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        return await serve(request, await body_of(request, ChatRequest), "chat")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        return await serve(request, await body_of(request, CompletionRequest), "completions")
-
-    @app.post("/v1/feedback")
-    async def feedback(request: Request) -> JSONResponse:
-        fb = await body_of(request, FeedbackRequest)
-        if fb.session_id is not None and not SESSION_ID.fullmatch(fb.session_id):
-            raise BadRequest(f"session id {fb.session_id[:80]!r} is not allowed", code="invalid_feedback")
-        data = {"interaction_id": fb.interaction_id, "session_id": fb.session_id, "kind": fb.kind, "value": fb.value,
-                "metadata": fb.metadata,
-                # the stream scores it only for interactions (sessions) the same caller captured (None: trusted)
-                "caller": gw.principal(request).caller}  # fmt: skip
-        try:
-            event = FeedbackEvent.model_validate(data, context=gw._ctx)
-        except ValidationError as exc:
-            raise BadRequest(format_errors(FeedbackEvent, exc), code="invalid_feedback") from None
-        eid = gw.emitter.emit(event)
-        target = {"interaction_id": fb.interaction_id} if fb.session_id is None else {"session_id": fb.session_id}
-        return JSONResponse({"event_id": eid, **target, "status": "accepted"}, status_code=202)
-
-    @app.get("/admin/state")
-    async def admin_state(request: Request) -> JSONResponse:
-        return JSONResponse(
-            {
-                "status": "ok" if await gw.backend.health() else "backend_down",
-                "backend": gw.backend.name,
-                "base_model": gw.backend.base_model,
-                "kafka": bool(gw.kafka),
-                "routing": gw.router.state(),
-                "adapters": gw.backend.adapters,
-                "utilities": [
-                    {"task_type": t, "operator": o, "utility": u, "n": n}
-                    for (t, o), (u, n) in sorted(gw.router.utilities.items())
-                ],
-            }
-        )
-
-    @app.post("/admin/adapters/{name}/rollback")
-    async def admin_rollback(name: str, request: Request) -> JSONResponse:
-        r = gw.router
-        if name not in (r.canary, r.incumbent):
-            raise BadRequest(
-                f"adapter {name!r} is neither the canary nor the incumbent", status=404, code="adapter_not_found"
-            )
-        r.apply_event("rolled_back", name)
-        await gw._apply_decision(Decision("rolled_back", name, "rolled back by an operator (admin API)"))
-        return JSONResponse({"routing": r.state()})
-
+    app.add_middleware(Guard, gateway=gateway)
+    add_dashboard(app, gateway.settings)
+    app.include_router(admin.routes(gateway))
+    app.include_router(completions.routes(gateway))
+    app.include_router(feedback.routes(gateway))
     return app

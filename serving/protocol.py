@@ -6,12 +6,22 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serving.auth import Principal
 from serving.exceptions import BadRequest
+from serving.router import Operator
+
+TASK_HEADER = "x-taoflow-task-type"
+OPERATOR_HEADER = "x-taoflow-operator"
+AGENT_HEADER = "x-taoflow-agent"
+ID_HEADER = "X-Taoflow-Interaction-Id"
+OTHER = "other"  # the metric label of task types not configured in `operators`
+
 
 SESSION_HEADER = "x-taoflow-session"
 STEP_HEADER = "x-taoflow-step"
@@ -148,3 +158,31 @@ def session_of(request: Request, meta: dict[str, Any]) -> tuple[str | None, int 
     if not 0 <= step <= MAX_STEP:
         raise BadRequest(f"step {str(raw_step)[:20]!r} is not an integer from 0 to {MAX_STEP}", code="invalid_session")
     return sid, step
+
+
+@dataclass
+class Call:
+    """One request as the gateway handles it: who asked, how it was routed, and what its capture records."""
+
+    iid: str
+    req: Any  # the parsed ChatRequest or CompletionRequest
+    chat: bool
+    task_type: str
+    op: Operator
+    forced: bool  # the client chose the operator or adapter: captured, never in utilities
+    principal: Principal
+    agent: str | None  # the X-Taoflow-Agent header, as sent
+    prompt: Any  # as the client sent it: the messages (tool calls and results included) or the text
+    session_id: str | None = None
+    step: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return "chat" if self.chat else "completions"
+
+    def headers(self) -> dict[str, str]:
+        out = {ID_HEADER: self.iid, "X-Taoflow-Operator": self.op.name, "X-Taoflow-Adapter": self.op.adapter or "base",
+               "X-Taoflow-Task-Type": self.task_type}  # fmt: skip
+        if self.session_id is not None:
+            out.update({"X-Taoflow-Session": self.session_id, "X-Taoflow-Step": str(self.step)})
+        return out
