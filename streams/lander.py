@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import os
 import signal
-import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import orjson
 from aiokafka.abc import ConsumerRebalanceListener
 
 from schemas import topics as names
 from streams import store
 from streams.landing import landing_consumer_config, to_rows
 from streams.parquet import ParquetLander
-from streams.sqlapi import OWNER_FILE, TOKEN_FILE, LakeViews, load_httpfs, write_token
-from streams.sqlguard import QueryLimits, lock_down, read_cursor, readable_dir
-from streams.sqlguard import run as guarded_run
+from streams.sqlapi import load_httpfs
+from streams.sqlguard import lock_down, readable_dir
+from streams.sqlserver import SqlEndpoint
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +70,8 @@ class _ResumeFromFile(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Lander:
-    """Consumes the outcome topics in group `<app_id>-lander` and lands them; serves SQL on loopback."""
+    """Consumes the outcome topics in group `<app_id>-lander` and lands them; serves SQL on loopback
+    (`streams.sqlserver`) while it owns the file."""
 
     TOPICS = (
         names.INTERACTIONS, names.FEEDBACK, names.SCORES, names.UTILITIES, names.DEAD_LETTERS, names.ADAPTERS,
@@ -85,23 +82,13 @@ class Lander:
         self.settings = settings
         self.cfg = settings.stream
         self.db_path = settings.core.duckdb_path
-        self.owner_file = settings.core.data_dir / OWNER_FILE
         self.con: Any = None
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="duckdb")
-        # user queries get their own threads and connections: a slow query never holds up landing
-        self.query_pool = ThreadPoolExecutor(max_workers=self.cfg.sql_max_concurrent, thread_name_prefix="sql")
-        self._free: list[Any] = []  # read cursors not running a query; their number bounds concurrent queries
-        self._busy: set[Any] = set()
-        self._closing = threading.Event()
-        self._refresh = threading.Lock()
-        self._token = ""
-        self.limits = QueryLimits.from_settings(self.cfg)
         self._hist: Any = None
         self.landed: dict[str, int] = defaultdict(int)
         self.last_land_s = 0.0
         self.land_seconds: list[float] = []  # per landed batch, drained by each scrape
         self.lag: dict[str, int] = {}  # topic/partition -> records behind the broker's high-water mark
-        self._lake = LakeViews(self.cfg.parquet_url) if self.cfg.parquet_url else None
 
     def lag_total(self) -> int:
         return sum(self.lag.values())
@@ -147,36 +134,23 @@ class Lander:
                     return
                 except TimeoutError:
                     continue
-        self._free = [read_cursor(self.con) for _ in range(self.cfg.sql_max_concurrent)]
+        endpoint = SqlEndpoint(self.settings, self.con, self.health, self.metrics_text)  # its cursors: before the lock
         # no file or network access but the lake (landing registers its Arrow batches, so it needs none), on top of
         # sqlguard.check and read-only transactions for user SQL
         url = self.cfg.parquet_url
         if url and "://" in url and not url.startswith("file://"):
             load_httpfs(self.con)  # autoloading is off once locked
         lock_down(self.con, readable=[readable_dir(url)] if url else [])
-        server = await self._serve_sql()
+        await endpoint.start(self.db_path)
         try:
             await self._consume(stop)
         finally:
-            await self._stop_queries()
-            await server.cleanup()
-            self.owner_file.unlink(missing_ok=True)
-            (self.settings.core.data_dir / TOKEN_FILE).unlink(missing_ok=True)
-            self.query_pool.shutdown(wait=True, cancel_futures=True)
-            for cur in self._free:
-                cur.close()
+            await endpoint.stop()
             self.con.close()
             self.pool.shutdown(wait=False)
 
-    async def _stop_queries(self, within_s: float = 10.0) -> None:
-        """Interrupt running queries: a query thread still in DuckDB would keep the process alive after SIGTERM."""
-        self._closing.set()
-        deadline = time.monotonic() + within_s
-        # again until they are done: an interrupt that lands before its query has started is lost
-        while self._busy and time.monotonic() < deadline:
-            for cur in list(self._busy):
-                cur.interrupt()
-            await asyncio.sleep(0.05)
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "landed": dict(self.landed), "last_land_s": self.last_land_s, "lag": self.lag_total()}
 
     async def _consume(self, stop: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -248,88 +222,6 @@ class Lander:
             raise
         finally:
             cur.close()
-
-    def _query(self, cur: Any, sql: str) -> dict[str, Any]:
-        if self._lake is not None:
-            with self._refresh:  # concurrent queries would otherwise recreate the same views at once
-                try:
-                    self._lake.refresh(self.con)
-                except Exception as exc:  # a lake that cannot be read must not take the SQL endpoint down
-                    log.warning("could not refresh the lake views: %s", exc)
-        return guarded_run(cur, sql, self.limits, self._closing)
-
-    def _authorized(self, header: str | None) -> bool:
-        expected = f"Bearer {self._token}".encode()
-        return bool(self._token) and hmac.compare_digest((header or "").encode(), expected)
-
-    async def _serve_sql(self) -> Any:
-        from aiohttp import web
-
-        def refuse(status: int, error: str, headers: dict[str, str] | None = None) -> web.Response:
-            return web.json_response({"error": error}, status=status, headers=headers)
-
-        async def sql(request: web.Request) -> web.Response:
-            # who is asking and what they send is checked before a byte of the body is read
-            if not self._authorized(request.headers.get("Authorization")):
-                token = self.settings.core.data_dir / TOKEN_FILE
-                why = f"the SQL endpoint wants `Authorization: Bearer <token>` with the token in {token}"
-                bearer = {"WWW-Authenticate": "Bearer"}
-                return refuse(401, f"{why} (taoflow sql and streams.sqlapi.query send it)", bearer)
-            if request.content_type != "application/json":
-                return refuse(415, f'send Content-Type: application/json with {{"sql": "SELECT ..."}}, '
-                                   f"not {request.content_type}")  # fmt: skip
-            if request.content_length is not None and request.content_length > self.cfg.sql_max_body:
-                return refuse(413, f"the request body is larger than {self.cfg.sql_max_body} bytes (sql_max_body)")
-            try:
-                body = await request.json()
-                query = body["sql"]
-            except web.HTTPRequestEntityTooLarge:
-                return refuse(413, f"the request body is larger than {self.cfg.sql_max_body} bytes (sql_max_body)")
-            except (ValueError, KeyError, TypeError):
-                return refuse(400, 'send JSON {"sql": "SELECT ..."}')
-            if not isinstance(query, str):
-                return refuse(400, 'send JSON {"sql": "SELECT ..."} with the query as a string')
-            if self._closing.is_set():
-                return refuse(503, "the lander is shutting down; retry when the next one has taken over")
-            if not self._free:
-                return refuse(429, f"{self.cfg.sql_max_concurrent} queries are running (sql_max_concurrent); "
-                                   "retry when one has finished")  # fmt: skip
-            cur = self._free.pop()
-            self._busy.add(cur)
-            try:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.query_pool, self._query, cur, query)
-            finally:
-                self._busy.discard(cur)
-                self._free.append(cur)
-            return web.Response(body=orjson.dumps(result, default=str), content_type="application/json",
-                                status=400 if "error" in result else 200)  # fmt: skip
-
-        async def health(request: web.Request) -> web.Response:
-            return web.json_response({"ok": True, "landed": dict(self.landed), "last_land_s": self.last_land_s,
-                                      "lag": self.lag_total()})  # fmt: skip
-
-        async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=self.metrics_text(), content_type="text/plain", charset="utf-8")
-
-        app = web.Application(client_max_size=self.cfg.sql_max_body)
-        app.router.add_post("/sql", sql)
-        app.router.add_get("/healthz", health)
-        app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.cfg.sql_host, self.cfg.sql_port)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        host = self.cfg.sql_advertise or ("127.0.0.1" if self.cfg.sql_host in ("0.0.0.0", "::") else self.cfg.sql_host)
-        local = self.cfg.sql_advertise is None  # a remote owner's pid means nothing in another container
-        self._token = write_token(self.settings.core.data_dir)  # before lander.json: clients read both
-        tmp = self.owner_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "url": f"http://{host}:{port}", "db": str(self.db_path),
-                                   "local": local}))  # fmt: skip
-        os.replace(tmp, self.owner_file)
-        log.info("lander owns %s; SQL on http://%s:%d", self.db_path, host, port)
-        return runner
 
 
 def main() -> None:
