@@ -142,7 +142,7 @@ class Worker:
         if not self.running:
             return None
         assert self.proc is not None
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "streams.lander"], capture_output=True,
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "taoflow.cli lander$"], capture_output=True,
                              text=True).stdout.split()  # fmt: skip
         return int(out[0]) if out else None
 

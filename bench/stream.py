@@ -249,7 +249,7 @@ def cpu_seconds(pid: int) -> dict[str, float]:
             children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
         except OSError:
             continue
-        name = "lander" if "streams.lander" in cmd else "broker" if "tansu" in cmd else "worker"
+        name = "lander" if cmd.split()[-1:] == ["lander"] else "broker" if "tansu" in cmd else "worker"
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
         pending.extend(int(c) for c in children)
     return out

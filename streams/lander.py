@@ -225,7 +225,7 @@ class Lander:
 
 
 def main() -> None:
-    """`taoflow lander` (and `python -m streams.lander`, as the worker starts it): run until SIGTERM/SIGINT."""
+    """`taoflow lander` (the worker starts one beside itself): run until SIGTERM/SIGINT."""
     logging.basicConfig(level=os.environ.get("TAOFLOW_LOG_LEVEL", "INFO"), format="lander: %(message)s")
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class LanderSupervisor:
-    """Keeps one `python -m streams.lander` child running, restarting it with backoff if it dies."""
+    """Keeps one `taoflow lander` child running, restarting it with backoff if it dies."""
 
     def __init__(self, settings: Settings) -> None:
         self.env = {**os.environ, **settings.environ()}
@@ -37,7 +37,7 @@ class LanderSupervisor:
         # the lander watches this pid, not its own parent at start: a worker that dies while spawning it would leave
         # an orphan whose first parent is already init, and that never notices it is orphaned
         env = {**self.env, "_TAOFLOW_LANDER_PARENT": str(os.getpid())}
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.lander"], env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "taoflow.cli", "lander"], env=env)
         self.started = time.monotonic()
 
     def _watch(self) -> None:
