@@ -199,6 +199,10 @@ class StreamSettings(_Component):
     web_port: int = Field(default=0, ge=0, description="faust web server port; 0 disables it")
     fetch_wait_ms: int = Field(default=20, ge=1, description="longest a fetch waits for new data (latency)")
     session_timeout_s: float = Field(default=10.0, gt=0, description="consumer-group session timeout")
+    recovery_stall_s: float = Field(
+        default=60.0, gt=0, description="a worker whose assigned partitions have had no table recovery running and "
+        "a suspended flow for this long exits (its partitions go to other workers; a supervisor restarts it)",
+    )  # fmt: skip
     sql_port: int = Field(default=0, ge=0, description="SQL endpoint of the DuckDB owner; 0 picks a free one")
     sql_host: str = Field(default="127.0.0.1", description="address the DuckDB owner's SQL endpoint binds")
     sql_advertise: str | None = Field(
