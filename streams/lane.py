@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -67,6 +66,7 @@ class Lane:
         self._gaps: list[tuple[Any, int, int]] = []  # holes accepted as real: (partition, first, end)
         self._seen: dict[Any, int] = {}  # partition -> next expected offset at the last stall check
         self._stuck_since: float | None = None  # since when partitions are assigned with nothing recovering them
+        self.last_tick: float | None = None  # when the processing loop last ran
         app.flow_control.manage_queue(self)  # cleared with faust's own buffers when partitions are revoked
 
     # -- faust's fetch loop side -------------------------------------------------------------------------
@@ -100,6 +100,7 @@ class Lane:
             next_expiry = time.monotonic() + self.ctx.cfg.expire_every_s
             next_watch = time.monotonic() + WATCH_S
             while True:
+                self.last_tick = time.monotonic()  # read by the worker's watchdog thread (`health`)
                 if time.monotonic() >= next_expiry:
                     next_expiry = time.monotonic() + self.ctx.cfg.expire_every_s
                     if flow.is_active():
@@ -108,7 +109,6 @@ class Lane:
                     next_watch = time.monotonic() + WATCH_S
                     if flow.is_active() and seek_epoch(consumer) == self._epoch:
                         await self._watch_stalls()
-                    self._watch_recovery()
                 if not self._items:
                     self._ready.clear()
                     wake = min(next_expiry, next_watch) - time.monotonic()
@@ -201,37 +201,36 @@ class Lane:
                     self._reseek.append((tp, expected))
         return out
 
-    def _watch_recovery(self, now: float | None = None) -> None:
-        """Leave the group when partitions are assigned but nothing recovers them.
+    def health(self, now: float) -> str | None:
+        """Why this worker can no longer make progress, or None. Called by the worker's watchdog thread
+        (`streams.worker`), which exits the process on an answer: its partitions then go to the other workers, and its
+        supervisor (`taoflow up`, the orchestrator) starts it again.
 
-        faust suspends the flow when partitions are revoked and resumes it once their tables are recovered. Seen in
-        the fault campaign (seeds 275 and 280): a worker paused past the session timeout came back, rejoined, and
-        faust cancelled its recovery task on the way; the next assignment was never recovered, the flow stayed
-        suspended, and the worker kept its partitions (heartbeats fine) without processing them, for good. A worker
-        in that state for `recovery_stall_s` logs why and exits: its partitions go to the other workers, and its
-        supervisor (`taoflow up`, the orchestrator) starts it again. A recovery that is running, however long, is
-        never counted: only suspended flow with no recovery in progress.
+        - The processing loop has not run for `recovery_stall_s`: it ticks every few seconds in any state, so its
+          task is gone or the event loop is blocked.
+        - Partitions are assigned, the flow is suspended and no table recovery is running, for `recovery_stall_s`.
+          faust suspends the flow on revocation and resumes it once the tables are recovered. Seen in the fault
+          campaign (seeds 275, 280): a worker paused past the session timeout came back, rejoined, and faust cancelled
+          its recovery task (and this loop's task) on the way; the next assignment was never recovered while the
+          worker heartbeated and held its partitions. A recovery that is running, however long, never counts.
         """
-        now = time.monotonic() if now is None else now
+        if self.last_tick is None:
+            return None  # not started yet: start-up and the first recovery are faust's to bound
+        limit = self.ctx.cfg.recovery_stall_s
+        if now - self.last_tick >= limit:
+            return f"the stream processing loop has not run for {now - self.last_tick:.0f}s"
         app = self.app
         stuck = (not app.flow_control.is_active() and bool(app.consumer.assignment())
                  and not app.tables.recovery.in_recovery)  # fmt: skip
         if not stuck:
             self._stuck_since = None
-            return
+            return None
         if self._stuck_since is None:
             self._stuck_since = now
-            return
-        if now - self._stuck_since >= self.ctx.cfg.recovery_stall_s:
-            log.critical("%d partitions assigned, the flow suspended and no table recovery running for %.0fs "
-                         "(TAOFLOW_STREAM_RECOVERY_STALL_S): faust's recovery stalled; exiting so the partitions go "
-                         "to another worker", len(app.consumer.assignment()), now - self._stuck_since)  # fmt: skip
-            self._exit(5)
-
-    @staticmethod
-    def _exit(code: int) -> None:  # pragma: no cover - ends the process
-        logging.shutdown()
-        os._exit(code)
+        if now - self._stuck_since >= limit:
+            return (f"{len(app.consumer.assignment())} partitions assigned, the flow suspended and no table recovery "
+                    f"running for {now - self._stuck_since:.0f}s")  # fmt: skip
+        return None
 
     async def _watch_stalls(self) -> None:
         """A partition with records beyond the next expected offset (by the broker's high watermark), and no

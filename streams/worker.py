@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from streams.exceptions import WorkerError
 from taoflow.broker import ensure_topics, reachable, wait_for_kafka
@@ -88,6 +89,25 @@ def bounded_worker_class(stop_timeout_s: float) -> type:
     return BoundedWorker
 
 
+def watchdog(lane: Any, stall_s: float, every_s: float = 3.0) -> threading.Thread:
+    """A thread that exits the process when the lane says the worker can no longer make progress (`Lane.health`): a
+    thread, because what it watches for includes faust having cancelled the tasks on the event loop."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            reason = lane.health(time.monotonic())
+            if reason is not None:
+                log.critical("%s (TAOFLOW_STREAM_RECOVERY_STALL_S=%.0f): this worker cannot make progress; exiting so "
+                             "its partitions go to another worker", reason, stall_s)  # fmt: skip
+                logging.shutdown()
+                os._exit(5)
+
+    thread = threading.Thread(target=watch, name="taoflow-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run the stream processors until SIGINT/SIGTERM (blocking)."""
 
@@ -121,6 +141,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
 
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
+    watchdog(app._taoflow_lane, cfg.recovery_stall_s)  # type: ignore[attr-defined]
     worker_class = bounded_worker_class(cfg.stop_timeout_s)
     worker = worker_class(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
     started = time.monotonic()

@@ -1,5 +1,6 @@
-"""The lane's watch on recovery (broker-free): a worker whose assigned partitions have a suspended flow and no table
-recovery running leaves, so that another worker takes them; a recovery that is running, however long, never counts."""
+"""The worker's watchdog (broker-free): a worker that can no longer make progress says why, and its watchdog thread
+exits the process so that another worker takes its partitions. A recovery that is running, however long, never counts,
+and nothing counts before the processing loop has started."""
 
 from __future__ import annotations
 
@@ -22,48 +23,55 @@ class Flow:
         return self.active
 
 
-def lane(stall_s: float = 60.0) -> tuple[Lane, Any, list[int]]:
+def lane(stall_s: float = 60.0) -> tuple[Lane, Any]:
     app = SimpleNamespace(flow_control=Flow(), consumer=SimpleNamespace(assignment=lambda: {"tp0", "tp1"}),
                           tables=SimpleNamespace(recovery=SimpleNamespace(in_recovery=False)))  # fmt: skip
-    ctx = SimpleNamespace(cfg=SimpleNamespace(recovery_stall_s=stall_s))
-    exits: list[int] = []
-    lane = Lane(app, ctx, {})
-    lane._exit = exits.append  # type: ignore[method-assign]
-    return lane, app, exits
+    w = Lane(app, SimpleNamespace(cfg=SimpleNamespace(recovery_stall_s=stall_s)), {})
+    w.last_tick = 0.0
+    return w, app
 
 
-def test_assigned_partitions_nobody_recovers_make_the_worker_leave_after_the_stall_time() -> None:
-    w, app, exits = lane()
+def test_assigned_partitions_nobody_recovers_are_reported_after_the_stall_time() -> None:
+    w, app = lane()
     app.flow_control.active = False  # revoked, reassigned, and no recovery started
     for t in (0.0, 30.0, 59.0):
-        w._watch_recovery(now=t)
-    assert exits == []
-    w._watch_recovery(now=60.0)
-    assert exits == [5]
+        w.last_tick = t  # the loop still runs
+        assert w.health(t) is None
+    w.last_tick = 60.0
+    assert w.health(60.0) == "2 partitions assigned, the flow suspended and no table recovery running for 60s"
+
+
+def test_a_processing_loop_that_stopped_running_is_reported() -> None:
+    w, _ = lane()
+    assert w.health(59.0) is None
+    assert w.health(61.0) == "the stream processing loop has not run for 61s"
+
+
+def test_nothing_counts_before_the_loop_has_started() -> None:
+    w, app = lane()
+    w.last_tick = None
+    app.flow_control.active = False
+    assert w.health(10_000.0) is None
 
 
 @pytest.mark.parametrize("state", ["flow active", "recovering", "nothing assigned"])
-def test_a_healthy_or_recovering_worker_is_never_counted(state: str) -> None:
-    w, app, exits = lane()
+def test_a_healthy_or_recovering_worker_is_never_reported(state: str) -> None:
+    w, app = lane()
     app.flow_control.active = state == "flow active"
     app.tables.recovery.in_recovery = state == "recovering"
     if state == "nothing assigned":
         app.consumer.assignment = set
     for t in range(0, 600, 3):
-        w._watch_recovery(now=float(t))
-    assert exits == []
+        w.last_tick = float(t)
+        assert w.health(float(t)) is None
 
 
 def test_the_clock_restarts_when_recovery_resumes() -> None:
-    w, app, exits = lane()
+    w, app = lane()
     app.flow_control.active = False
-    w._watch_recovery(now=0.0)
-    w._watch_recovery(now=50.0)
-    app.tables.recovery.in_recovery = True  # a recovery started after all
-    w._watch_recovery(now=55.0)
-    app.tables.recovery.in_recovery = False
-    w._watch_recovery(now=70.0)
-    w._watch_recovery(now=120.0)
-    assert exits == []
-    w._watch_recovery(now=130.0)
-    assert exits == [5]
+    for t, recovering in ((0.0, False), (50.0, False), (55.0, True), (70.0, False), (120.0, False)):
+        app.tables.recovery.in_recovery = recovering
+        w.last_tick = t
+        assert w.health(t) is None
+    w.last_tick = 130.0
+    assert w.health(130.0) is not None
