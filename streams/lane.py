@@ -214,10 +214,9 @@ class Lane:
           its recovery task (and this loop's task) on the way; the next assignment was never recovered while the
           worker heartbeated and held its partitions. A recovery that is running, however long, never counts.
         """
-        if self.last_tick is None:
-            return None  # not started yet: start-up and the first recovery are faust's to bound
         limit = self.ctx.cfg.recovery_stall_s
-        if now - self.last_tick >= limit:
+        # the loop's ticks count once it has started (before, start-up and the first recovery are faust's to bound)
+        if self.last_tick is not None and now - self.last_tick >= limit:
             return f"the stream processing loop has not run for {now - self.last_tick:.0f}s"
         app = self.app
         stuck = (not app.flow_control.is_active() and bool(app.consumer.assignment())
