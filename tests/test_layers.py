@@ -62,6 +62,7 @@ def imports(module: str) -> tuple[tuple[str, int, bool], ...]:
     tree = ast.parse(MODULES[module].read_text())
     nested = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
               for n in ast.walk(f)}  # fmt: skip
+    typing_only = {id(n) for b in tree.body if isinstance(b, ast.If) and _is_type_checking(b) for n in ast.walk(b)}
     found = []
     for node in ast.walk(tree):
         names: list[str] = []
@@ -69,21 +70,15 @@ def imports(module: str) -> tuple[tuple[str, int, bool], ...]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names = [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.If) and _is_type_checking(node):
-            continue
         for name in names:
             target = _resolve(name)
-            if target is not None and target != module and not _under_type_checking(tree, node):
+            if target is not None and target != module and id(node) not in typing_only:
                 found.append((target, node.lineno, id(node) in nested))
     return tuple(sorted(set(found)))
 
 
 def _is_type_checking(node: ast.If) -> bool:
     return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-
-
-def _under_type_checking(tree: ast.Module, node: ast.AST) -> bool:
-    return any(node in ast.walk(b) for b in tree.body if isinstance(b, ast.If) and _is_type_checking(b))
 
 
 @cache
