@@ -239,7 +239,7 @@ class CommitWatch(threading.Thread):
             if offsets is not None:
                 seen = time.time() * 1000
                 self.samples.extend((seen, p, off) for p, off in offsets.items())
-        self._close()
+        self.close()
 
     def read(self) -> dict[int, int] | None:
         """The committed offset per interactions partition now (None when the broker did not answer)."""
@@ -253,13 +253,13 @@ class CommitWatch(threading.Thread):
             # the broker may be paused: try again with a new client, and close this one (an abandoned client
             # keeps reconnecting in the background, and logging, long after its broker is gone)
             self.last_error = repr(exc)
-            self._close()
+            self.close()
             return None
         self.reads_ok += 1
         return {tp.partition: meta.offset for tp, meta in offsets.items()
                 if tp.topic == "taoflow.interactions" and meta.offset >= 0}  # fmt: skip
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._admin is not None:
             with contextlib.suppress(Exception):
                 self._admin.close()
@@ -269,7 +269,7 @@ class CommitWatch(threading.Thread):
         """The group's committed offsets once the run has settled (call after the thread ended; None: unreadable)."""
         for _ in range(tries):
             if (offsets := self.read()) is not None:
-                self._close()
+                self.close()
                 return offsets
             time.sleep(1)
         return None
@@ -449,7 +449,7 @@ def run_once(plan: Plan, workdir: Path, settle_s: float = 180.0) -> Report:
             if all(now_committed.get(part, 0) >= end for part, end in ends.items()):
                 break
             time.sleep(1)
-        probe._close()
+        probe.close()
         watch.halt.set()
         watch.join(10)
         if not watch.reads_ok:
