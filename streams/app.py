@@ -9,17 +9,17 @@ import faust
 
 from learners.rewards import CompositeScorer, build_scorer
 from streams import feedback, interactions, rewards, sessions
-from streams.compat import patch_faust_fetch_wait, patch_faust_highwaters, patch_faust_offset_jumps
 from streams.context import WorkerContext
-from streams.lane import Lane, patch_faust_drain
+from streams.lane import Lane
 from streams.outbox import BatchProducer
+from streams.seams import SCHEME, StreamApp, check_registered
 from streams.topics import declare
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
+def build_app(settings: Settings) -> tuple[StreamApp, WorkerContext]:
     """Create the faust App for these settings, with its topics, tables and agents."""
     cfg = settings.stream
     parts = settings.broker.partitions
@@ -34,9 +34,11 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
         )
     elif kafka.security_protocol in ("SSL", "SASL_SSL"):
         credentials = faust.SSLCredentials(kafka.security_kwargs()["ssl_context"])
-    app = faust.App(
+    check_registered()
+    app = StreamApp(
         cfg.app_id,
-        broker=[f"kafka://{b.strip()}" for b in settings.bootstrap.split(",")],
+        # the scheme selects taoflow's transport (`streams.seams`) through faust's entry points, for this App only
+        broker=[f"{SCHEME}://{b.strip()}" for b in settings.bootstrap.split(",")],
         broker_credentials=credentials,
         store="memory://",
         topic_partitions=parts,
@@ -60,9 +62,9 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
         autodiscover=False,
         datadir=str(settings.core.data_dir / "faust"),
     )
-    patch_faust_highwaters(settings.bootstrap, kafka.security_kwargs())
-    patch_faust_fetch_wait(cfg.fetch_wait_ms)
-    patch_faust_offset_jumps()
+    app.bootstrap = settings.bootstrap
+    app.security = kafka.security_kwargs()
+    app.fetch_wait_ms = cfg.fetch_wait_ms
     topics = declare(app, parts)
     schema: Any = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
     table: dict[str, Any] = {"partitions": parts, "schema": schema}
@@ -83,7 +85,6 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
     for t in (ctx.interactions, ctx.pending_feedback, ctx.utilities, ctx.sessions):
         ctx.partitions[t.changelog_topic.get_topic_name()] = parts  # faust creates changelogs with `parts`
 
-    patch_faust_drain()
     lane = Lane(app, ctx, {
         topics.interactions.get_topic_name(): interactions.process_batch,
         topics.feedback.get_topic_name(): feedback.process_batch,
@@ -93,7 +94,7 @@ def build_app(settings: Settings) -> tuple[faust.App, WorkerContext]:
     })  # fmt: skip
     for topic in (topics.interactions, topics.feedback, topics.rewards, topics.session_steps, topics.session_joins):
         app.topics.add(topic)  # subscribed by faust's consumer; delivered through the lane
-    app._taoflow_lane = lane  # type: ignore[attr-defined]
+    app.lane = lane
 
     @app.task
     async def process() -> None:

@@ -7,7 +7,7 @@ costing most of the worker's time, and every hop adding latency. The lane keeps 
 for (consumer-group membership, rebalancing, table changelog recovery, offset commits from acks) and replaces
 only the delivery of our input topics:
 
-1. faust's fetch loop (`Consumer._drain_messages`, replaced by `patch_faust_drain`) hands each fetch's records
+1. faust's fetch loop (`Consumer._drain_messages`, specialised in `streams.seams`) hands each fetch's records
    of a lane topic to `Lane.put` as one list, keeping faust's read-offset and gap bookkeeping per record.
 2. `Lane.run` takes everything queued, drops records fetched before a rebalance's seek (seek epoch) or of an
    ended generation, keeps each partition continuous (a record past the next expected offset means a hole: the
@@ -34,7 +34,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from streams.compat import seek_epoch
 from streams.expiry import expire
 from streams.outbox import Outbox
 
@@ -107,7 +106,7 @@ class Lane:
                         await self._expire()
                 if time.monotonic() >= next_watch:
                     next_watch = time.monotonic() + WATCH_S
-                    if flow.is_active() and seek_epoch(consumer) == self._epoch:
+                    if flow.is_active() and consumer.seek_epoch == self._epoch:
                         await self._watch_stalls()
                 if not self._items:
                     self._ready.clear()
@@ -118,7 +117,7 @@ class Lane:
                 # everything queued goes into one cycle: per topic in fetch order, one Outbox, one delivery
                 by_topic: dict[str, list[Any]] = {}
                 taken = 0
-                current = seek_epoch(consumer)
+                current = consumer.seek_epoch
                 generation = self.app.consumer_generation_id
                 active = flow.is_active()
                 while self._items and taken < 4 * self.ctx.cfg.batch_size:
@@ -135,7 +134,7 @@ class Lane:
                 self._space.set()
                 if current != self._epoch:  # a rebalance sought every partition to its committed offset
                     self._epoch = current
-                    self._next = dict(consumer.__dict__.get("_taoflow_seek_targets", {}))
+                    self._next = dict(consumer.seek_targets)
                     self._holes.clear()
                     resume = {f"{t.topic}/{t.partition}": o for t, o in self._next.items() if t.topic in self.topics}
                     log.info("seek epoch %d: processing resumes at %s", current, resume)
@@ -291,103 +290,3 @@ class Lane:
             finally:
                 for _ in items:
                     self._sending.task_done()
-
-
-def patch_faust_drain() -> None:
-    """Replace faust's fetch loop with one that hands lane topics' records to the app's `Lane` per fetch.
-
-    Everything else (other topics, read offsets, gaps, flow control) behaves as faust's own loop does.
-    """
-    from faust.transport.consumer import Consumer
-
-    if getattr(Consumer, "_taoflow_drain", False):
-        return
-    original = Consumer._drain_messages
-
-    async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - runs in the worker
-        lane: Lane | None = getattr(self.app, "_taoflow_lane", None)
-        if lane is None:
-            await original(self, fetcher)
-            return
-        callback = self.callback
-        getmany = self.getmany
-        consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        lane_topics = lane.topics
-        try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                batches: dict[str, list[Any]] = {}
-                read: dict[Any, int] = {}  # lane records' read offsets, applied once the fetch proves current
-                await self.sleep(0)
-                if self.should_stop:
-                    break
-                epoch = seek_epoch(self)
-                async for tp, message in getmany(timeout=1.0):
-                    offset = message.offset
-                    r_offset = read.get(tp, get_read_offset(tp))
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already read (a re-delivery after a seek)
-                    gap = offset - (r_offset or 0)
-                    if message.topic in lane_topics:
-                        # no gap accounting here: the lane's inputs have contiguous offsets, so a jump is a hole
-                        # the lane's continuity check re-reads (faust's gap would let the commit pass over it)
-                        if gap > 1 and r_offset:
-                            log.warning("%s: fetch jumped from %d to %d", tp, r_offset, offset)
-                        batches.setdefault(message.topic, []).append(message)
-                        read[tp] = offset
-                        continue
-                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    await self.wait_first(callback(message), self.suspend_flow.wait())
-                    set_read_offset(tp, offset)
-                if epoch != seek_epoch(self):
-                    # every partition was sought back to its committed offset (a rebalance) while this fetch was
-                    # in flight: its records may be from before that seek, or the first ones after it. Either way
-                    # they are read again from that committed offset (the consumer's position has moved past them)
-                    assigned = self.assignment()
-                    for tp in read:
-                        if tp in assigned:
-                            log.info("%s/%d: fetch from before seek epoch %d dropped; reading again from %s",
-                                     tp.topic, tp.partition, seek_epoch(self), get_read_offset(tp))  # fmt: skip
-                            await self.seek(tp, get_read_offset(tp) or 0)
-                    continue
-                for tp, offset in read.items():
-                    set_read_offset(tp, offset)
-                for topic, messages in batches.items():
-                    await self.wait_first(lane.put(topic, messages, epoch), self.suspend_flow.wait())
-                if self._n_acked >= (self._commit_every or float("inf")):
-                    self._n_acked = 0
-                    await self.commit()
-        except self.consumer_stopped_errors:
-            if self.transport.app.should_stop:
-                return
-            raise
-        except asyncio.CancelledError:
-            if self.transport.app.should_stop:
-                return
-            raise
-
-    original_new_offset = Consumer._new_offset
-
-    def _new_offset(self: Any, tp: Any) -> int | None:
-        """faust commits the first run of consecutive acked offsets, checking the head only loosely (a one-offset
-        hole passes, and with no committed offset known, any hole does). For the lane's inputs, never commit
-        while the record at the commit point (or the seek target) is not acked yet."""
-        lane: Lane | None = getattr(self.app, "_taoflow_lane", None)
-        acked = self._acked[tp]
-        if lane is not None and acked and tp.topic in lane.topics:
-            start = self._committed_offset.get(tp)
-            if start is None:
-                start = self.__dict__.get("_taoflow_seek_targets", {}).get(tp)
-            if start is not None and min(acked) > start:
-                return None
-        return original_new_offset(self, tp)  # type: ignore[no-any-return]
-
-    _new_offset.__wrapped__ = original_new_offset  # type: ignore[attr-defined]
-    _drain_messages.__wrapped__ = original  # type: ignore[attr-defined]
-    Consumer._new_offset = _new_offset  # type: ignore[method-assign]
-    Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
-    Consumer._taoflow_drain = True  # type: ignore[attr-defined]

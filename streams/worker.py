@@ -10,10 +10,12 @@ import threading
 import time
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from streams.exceptions import WorkerError
 from taoflow.broker import ensure_topics, reachable, wait_for_kafka
 from taoflow.exceptions import BrokerError
-from taoflow.metrics import CountersCollector, serve_metrics
+from taoflow.metrics import DictCollector, serve_metrics
 from taoflow.restart import Backoff
 from taoflow.settings import Settings
 
@@ -61,34 +63,6 @@ class LanderSupervisor:
                 self.proc.kill()
 
 
-def bounded_worker_class(stop_timeout_s: float) -> type:
-    """faust's Worker (through its own signal hooks) that exits at most `stop_timeout_s` after SIGTERM or SIGINT:
-    faust's shutdown waits on Kafka (a last commit, the producer flush), which can take minutes when the broker is
-    unreachable. What was not committed by then is read again by the partitions' next owner (nothing is lost)."""
-    import faust
-
-    class BoundedWorker(faust.Worker):  # type: ignore[misc]
-        def _arm(self) -> None:
-            def exit_now() -> None:
-                log.warning("worker did not stop within %.0fs (broker unreachable?); exiting now", stop_timeout_s)
-                logging.shutdown()
-                os._exit(3)
-
-            timer = threading.Timer(stop_timeout_s, exit_now)
-            timer.daemon = True
-            timer.start()
-
-        def _on_sigterm(self) -> None:
-            self._arm()
-            super()._on_sigterm()
-
-        def _on_sigint(self) -> None:
-            self._arm()
-            super()._on_sigint()
-
-    return BoundedWorker
-
-
 def watchdog(lane: Any, stall_s: float, every_s: float = 3.0) -> threading.Thread:
     """A thread that exits the process when the lane says the worker can no longer make progress (`Lane.health`): a
     thread, because what it watches for includes faust having cancelled the tasks on the event loop."""
@@ -112,6 +86,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run the stream processors until SIGINT/SIGTERM (blocking)."""
 
     from streams.app import build_app
+    from streams.seams import bounded_worker_class
 
     hint = "start it with `taoflow broker` (or run `taoflow up`)" if settings.embedded else "check the address"
     try:
@@ -128,10 +103,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         lander.start()
     app, ctx = build_app(settings)
     if settings.stream.metrics_port:
-        from prometheus_client import CollectorRegistry
-
         registry = CollectorRegistry()
-        registry.register(CountersCollector("taoflow_worker_events", "Events the stream processors handled, by kind "
+        registry.register(DictCollector("taoflow_worker_events", "Events the stream processors handled, by kind "
                                             "(interactions, feedback, scores, utility_updates, dead_letters, ...)",
                                             "kind", lambda: dict(ctx.counters)))  # fmt: skip
         serve_metrics(settings.stream.metrics_port, registry, "worker", settings.core.metrics_host)
@@ -141,7 +114,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
 
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
-    watchdog(app._taoflow_lane, cfg.recovery_stall_s)  # type: ignore[attr-defined]
+    watchdog(app.lane, cfg.recovery_stall_s)
     worker_class = bounded_worker_class(cfg.stop_timeout_s)
     worker = worker_class(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
     started = time.monotonic()

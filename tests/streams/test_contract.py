@@ -1,11 +1,12 @@
-"""The faust, mode and aiokafka internals the worker relies on (`streams/compat.py`, `streams/lane.py`,
-`streams/worker.py`, `streams/lander.py`): this fails loudly, naming what moved, when an upgrade no longer has them.
-The versions are pinned in pyproject.toml; a version bump starts here."""
+"""The faust, mode and aiokafka internals the worker relies on (its specialisations in `streams/seams.py`, and
+`streams/lane.py`, `streams/worker.py`, `streams/lander.py`): this fails loudly, naming what moved, when an upgrade
+no longer has them. The versions are pinned in pyproject.toml; a version bump starts here."""
 
 from __future__ import annotations
 
 import inspect
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,6 @@ def test_faust_consumer_has_what_the_lane_and_the_seek_patches_use() -> None:
     }  # fmt: skip
     for name, params in methods.items():
         fn = getattr(Consumer, name, None)
-        fn = inspect.unwrap(fn) if fn is not None else None  # faust's own, also once this process patched it
         assert fn is not None, f"faust Consumer.{name} is gone"
         if params is not None:
             assert _params(fn)[: len(params)] == params, f"faust Consumer.{name}{inspect.signature(fn)} changed"
@@ -40,9 +40,7 @@ def test_faust_consumer_has_what_the_lane_and_the_seek_patches_use() -> None:
     for attr in ("_read_offset", "_committed_offset", "_acked", "_unacked_messages", "_n_acked", "_commit_every",
                  "suspend_flow", "_on_message_in"):  # fmt: skip
         assert f"self.{attr} = " in source or f"    {attr}: " in source, f"faust Consumer no longer sets {attr}"
-    assert "read_offset.update" in inspect.getsource(inspect.unwrap(Consumer.perform_seek)), (
-        "faust's perform_seek changed"
-    )
+    assert "read_offset.update" in inspect.getsource(Consumer.perform_seek), "faust's perform_seek changed"
 
 
 def test_faust_aiokafka_driver_has_what_the_compat_patches_use() -> None:
@@ -68,3 +66,44 @@ def test_mode_worker_signal_hooks_and_faust_app_seams_exist() -> None:
     for name in ("consumer_generation_id", "flow_control", "crash", "topics"):
         assert hasattr(faust.App, name), f"faust App.{name} is gone"
     assert set(_params(ConsumerRebalanceListener.on_partitions_assigned)) == {"self", "assigned"}
+
+
+def test_every_specialisation_overrides_a_faust_method_of_the_same_shape() -> None:
+    """A method of `streams.seams` that no longer overrides anything would silently never run."""
+    from faust.transport.drivers import aiokafka as driver
+
+    from streams import seams
+
+    for ours, theirs in ((seams.Consumer, driver.Consumer), (seams.ConsumerThread, driver.AIOKafkaConsumerThread),
+                         (seams.Transport, driver.Transport)):  # fmt: skip
+        for name, fn in vars(ours).items():
+            if not callable(fn) or name.startswith("__") or name in {"_reset_positions", "_guarded"}:
+                continue
+            parent = getattr(theirs, name, None)
+            assert parent is not None, f"{theirs.__name__}.{name} is gone: seams.{ours.__name__}.{name} overrides none"
+            if inspect.isfunction(fn) and inspect.isfunction(parent):
+                assert _params(fn) == _params(parent) or name == "highwaters", (
+                    f"{theirs.__name__}.{name}{inspect.signature(parent)} changed"
+                )
+
+
+def test_the_taoflow_scheme_selects_taoflows_transport_and_nothing_else_changes(tmp_path: Path) -> None:
+    """Registered through faust's entry points, for the App that asks for it; faust's own classes are untouched."""
+    from faust.transport.consumer import Consumer as FaustConsumer
+    from faust.transport.drivers import aiokafka as driver
+    from faust.transport.drivers import by_url
+
+    from streams import seams
+    from streams.app import build_app
+    from taoflow.settings import Settings
+
+    app, _ = build_app(Settings(overrides={"core": {"data_dir": tmp_path}}))  # all the worker does before connecting
+    assert isinstance(app, seams.StreamApp) and app.lane is not None
+    assert app.transport.Consumer is seams.Consumer
+    assert by_url(f"{seams.SCHEME}://localhost:9092") is seams.Transport
+    assert by_url("kafka://localhost:9092") is driver.Transport
+    assert driver.Transport.Consumer is driver.Consumer
+    for cls in (FaustConsumer, driver.Consumer, driver.AIOKafkaConsumerThread, driver.Transport):
+        for name, fn in vars(cls).items():
+            if inspect.isfunction(fn):
+                assert fn.__module__.startswith("faust."), f"faust {cls.__name__}.{name} was replaced in this process"

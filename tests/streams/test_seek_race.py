@@ -1,8 +1,9 @@
 """The rebalance seek against a fetch that completes inside it: broker-free, deterministic, milliseconds.
 
 faust's recovery resumes the flow before `perform_seek`, so a fetch issued before the seek can complete while the
-seek awaits the broker (here: `seek_to_beginning` for a partition with no committed offset). The real patched
-`perform_seek` and fetch loop run against a fake consumer whose fetch is forced to land inside that await. Before the
+seek awaits the broker (here: `seek_to_beginning` for a partition with no committed offset). The worker's real
+`perform_seek` and fetch loop (`streams.seams.Consumer`, over faust's own `perform_seek`) run on a consumer whose
+broker side is faked, with the fetch forced to land inside that await. Before the
 fix, the loop moved the read offset to the last *fetched* offset, the seek snapshotted it as "processing resumes
 at", and the lane then skipped everything below it as processed (the takeover test's lost records:
 last commit 1704 + a 2000-record fetch - 1 = 3703).
@@ -16,11 +17,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from faust.transport.consumer import Consumer
 from faust.types import TP
 
-from streams.compat import patch_faust_offset_jumps, seek_epoch
-from streams.lane import Lane, patch_faust_drain
+from streams.lane import Lane
+from streams.seams import Consumer
 
 INTERACTIONS = "taoflow.interactions"
 COMMITTED = TP(INTERACTIONS, 0)  # the killed worker committed 1704 on this partition
@@ -48,20 +48,22 @@ class _Lane:
         self.batches.append((topic, messages, epoch))
 
 
-class FakeConsumer:
-    """The attributes the patched `perform_seek`, `seek` and fetch loop use; everything else is absent."""
+class FakeConsumer(Consumer):
+    """The worker's consumer with its broker side faked: the attributes its `perform_seek`, `seek` and fetch loop (and
+    faust's `perform_seek` under them) use; faust's constructor, its thread and everything else are absent."""
 
     consumer_stopped_errors = (RuntimeError,)
 
-    def __init__(self, in_flight: list[_Message]) -> None:
-        self.app = SimpleNamespace(_taoflow_lane=_Lane(), topics=SimpleNamespace(acks_enabled_for=lambda t: True))
+    def __init__(self, in_flight: list[_Message]) -> None:  # no super().__init__: no faust service, no thread
+        self._reset_positions()
+        self.app = SimpleNamespace(lane=_Lane(), topics=SimpleNamespace(acks_enabled_for=lambda t: True))
         self.transport = SimpleNamespace(app=SimpleNamespace(should_stop=False))
         self._read_offset: dict[TP, int | None] = defaultdict(lambda: None)
         self._read_offset.update({COMMITTED: 1000, UNSET: None})  # before the rebalance
         self._committed_offset: dict[TP, int | None] = {}
         self._stopped = asyncio.Event()
+        self._crashed = asyncio.Event()
         self.suspend_flow = asyncio.Event()
-        self.should_stop = False
         self._n_acked = 0
         self._commit_every = None
         self.callback = None
@@ -72,16 +74,6 @@ class FakeConsumer:
         self.fetching = asyncio.Event()  # the fetch loop waits for the in-flight fetch
         self.in_flight = in_flight
         self._thread = SimpleNamespace(seek_to_beginning=self._seek_to_beginning)
-
-    # looked up at call time: the patched functions (installed by the test) are the ones under test
-    async def perform_seek(self) -> None:
-        await Consumer.perform_seek(self)  # type: ignore[arg-type]
-
-    async def seek(self, tp: TP, offset: int) -> None:
-        await Consumer.seek(self, tp, offset)  # type: ignore[arg-type]
-
-    async def _drain_messages(self, fetcher: Any) -> None:
-        await Consumer._drain_messages(self, fetcher)  # type: ignore[arg-type]
 
     def assignment(self) -> set[TP]:
         return {COMMITTED, UNSET}
@@ -121,8 +113,6 @@ class FakeConsumer:
 
 
 async def _rebalance_with_fetch_inside_the_seek(waiting_before_seek: bool) -> FakeConsumer:
-    patch_faust_offset_jumps()
-    patch_faust_drain()
     # a 2000-record fetch from the committed offset that lands while perform_seek awaits the broker; the fetch loop
     # is either already waiting for it when the rebalance's seek starts, or starts waiting during the seek
     consumer = FakeConsumer(_records(COMMITTED, 1704, 2000))
@@ -137,7 +127,7 @@ async def _rebalance_with_fetch_inside_the_seek(waiting_before_seek: bool) -> Fa
 
 def _lane_from(consumer: FakeConsumer) -> Lane:
     lane = Lane.__new__(Lane)  # only its continuity check, from the targets the seek left
-    lane._next = dict(consumer.__dict__["_taoflow_seek_targets"])
+    lane._next = dict(consumer.seek_targets)
     lane._holes, lane._reseek, lane._gaps = {}, [], []
     return lane
 
@@ -147,11 +137,11 @@ def test_seek_targets_are_the_committed_offsets_even_when_a_fetch_lands_inside_t
     waiting_before_seek: bool,
 ) -> None:
     consumer = asyncio.run(_rebalance_with_fetch_inside_the_seek(waiting_before_seek))
-    targets = consumer.__dict__["_taoflow_seek_targets"]
+    targets = consumer.seek_targets
     # processing resumes where the killed worker committed, and a partition with no commit from its beginning
     assert targets == {COMMITTED: 1704, UNSET: 0}
-    assert seek_epoch(consumer) == 1
-    batches = consumer.app._taoflow_lane.batches
+    assert consumer.seek_epoch == 1
+    batches = consumer.app.lane.batches
     if waiting_before_seek:
         # the fetch was waited for before the seek: stale, nothing of it reached the lane, and its partition is
         # read again from the committed offset
