@@ -6,9 +6,8 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
@@ -19,6 +18,7 @@ from schemas.base import Limits
 from taoflow.exceptions import ConfigError
 
 CONFIG_FILE_ENV = "TAOFLOW_CONFIG"
+CORE = "core"  # the component whose settings sit at the top level
 DEFAULT_CONFIG_FILE = "taoflow.toml"
 
 
@@ -60,9 +60,25 @@ class _TomlSection(PydanticBaseSettingsSource):
 
 
 class _Component(BaseSettings):
-    """Base: init kwargs > environment > taoflow.toml section > defaults; unknown keys are errors."""
+    """Base: init kwargs > environment > taoflow.toml section > defaults; unknown keys are errors.
 
+    A component names its section once, in its class statement (`class StreamSettings(_Component, section="stream")`):
+    its variables are `TAOFLOW_<SECTION>_*` and its table `[section]` (the core's: `TAOFLOW_*` and the top level), and
+    `Settings` holds it under that name."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+    section: ClassVar[str] = ""
     toml_section: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, section: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.section = section
+        cls.toml_section = None if section == CORE else section
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.model_config["env_prefix"] = "TAOFLOW_" if cls.section == CORE else f"TAOFLOW_{cls.section.upper()}_"
 
     @classmethod
     def settings_customise_sources(
@@ -80,10 +96,8 @@ class _Component(BaseSettings):
         return self.model_dump(mode="json")
 
 
-class CoreSettings(_Component):
+class CoreSettings(_Component, section="core"):
     """Where data lives and which model to start from."""
-
-    model_config = SettingsConfigDict(env_prefix="TAOFLOW_", extra="forbid")
 
     data_dir: Path = Path(".taoflow")
     base_model: str | None = None
@@ -103,11 +117,8 @@ class CoreSettings(_Component):
         return self.data_dir / "adapters"
 
 
-class KafkaSettings(_Component):
+class KafkaSettings(_Component, section="kafka"):
     """The Kafka cluster; `bootstrap` unset means the embedded broker."""
-
-    model_config = SettingsConfigDict(env_prefix="TAOFLOW_KAFKA_", extra="forbid")
-    toml_section = "kafka"
 
     bootstrap: str | None = None
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -136,11 +147,8 @@ class KafkaSettings(_Component):
         return kw
 
 
-class BrokerSettings(_Component):
+class BrokerSettings(_Component, section="broker"):
     """The embedded Kafka-compatible broker (Tansu, memory storage) on loopback."""
-
-    model_config = SettingsConfigDict(env_prefix="TAOFLOW_BROKER_", extra="forbid")
-    toml_section = "broker"
 
     host: str = "127.0.0.1"
     port: int = 9092
@@ -153,11 +161,8 @@ class BrokerSettings(_Component):
         return f"{self.host}:{self.port}"
 
 
-class LimitsSettings(_Component):
+class LimitsSettings(_Component, section="limits"):
     """Event size bounds enforced by the schemas."""
-
-    model_config = SettingsConfigDict(env_prefix="TAOFLOW_LIMITS_", extra="forbid")
-    toml_section = "limits"
 
     max_prompt_bytes: int = Limits.max_prompt_bytes
     max_response_bytes: int = Limits.max_response_bytes
@@ -170,11 +175,8 @@ class LimitsSettings(_Component):
         return Limits(**self.model_dump())
 
 
-class SdkSettings(_Component):
+class SdkSettings(_Component, section="sdk"):
     """The agent SDK (Emitter): spool location and bounds, delivery timing."""
-
-    model_config = SettingsConfigDict(env_prefix="TAOFLOW_SDK_", extra="forbid")
-    toml_section = "sdk"
 
     spool_dir: Path | None = None
     spool_max_bytes: int = 256 * 1024 * 1024
@@ -186,11 +188,8 @@ class SdkSettings(_Component):
     reconnect_backoff_s: float = 1.0
 
 
-class StreamSettings(_Component):
+class StreamSettings(_Component, section="stream"):
     """The stream processors: batching, scorers, ACT-R parameters, landing."""
-
-    model_config = SettingsConfigDict(env_prefix="TAOFLOW_STREAM_", extra="forbid")
-    toml_section = "stream"
 
     app_id: str = "taoflow-worker"
     batch_size: int = Field(default=2000, ge=1)
@@ -265,11 +264,8 @@ class StreamSettings(_Component):
 Strategy = Literal["plain", "cot", "structured"]
 
 
-class LearnerSettings(_Component):
+class LearnerSettings(_Component, section="learner"):
     """TAO rounds: prompt selection, test-time compute, scoring, RL, the gate, and the schedule."""
-
-    model_config = SettingsConfigDict(env_prefix="TAOFLOW_LEARNER_", extra="forbid")
-    toml_section = "learner"
 
     # select
     task_types: list[str] | None = Field(default=None, description="only prompts of these task types")
@@ -406,11 +402,8 @@ class OperatorSpec(BaseModel):
     template: str | None = Field(default=None, description="e.g. 'Answer briefly: {prompt}'")
 
 
-class ServeSettings(_Component):
+class ServeSettings(_Component, section="serve"):
     """The gateway: address, auth, limits, backend, operators per task type, adapter lifecycle."""
-
-    model_config = SettingsConfigDict(env_prefix="TAOFLOW_SERVE_", extra="forbid")
-    toml_section = "serve"
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -502,52 +495,52 @@ class ServeSettings(_Component):
     )
 
 
+C = TypeVar("C", bound=_Component)
+
+
+class _Slot(Generic[C]):
+    """A component of `Settings` under its section's name, validated (with the overrides) on first use and kept."""
+
+    def __init__(self, cls: type[C]) -> None:
+        self.cls = cls
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        if name != self.cls.section:
+            raise TypeError(f"Settings.{name} holds {self.cls.__name__}, whose section is {self.cls.section!r}")
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Slot[C]: ...
+    @overload
+    def __get__(self, obj: Settings, owner: type) -> C: ...
+    def __get__(self, obj: Settings | None, owner: type) -> _Slot[C] | C:
+        if obj is None:
+            return self
+        name = self.cls.section
+        try:
+            value = self.cls(**obj.overrides.get(name, {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
+            )
+            raise ConfigError(f"invalid settings: {problems}") from None
+        obj.__dict__[name] = value  # kept: the instance attribute shadows this (non-data) descriptor from now on
+        return value
+
+
 @dataclass
 class Settings:
     """All component settings; each reads its own `TAOFLOW_<COMPONENT>_*` variables and `[component]` table."""
 
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def _load(self, cls: type[_Component], name: str) -> Any:
-        try:
-            return cls(**self.overrides.get(name, {}))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
-            )
-            raise ConfigError(f"invalid settings: {problems}") from None
-
-    @cached_property
-    def core(self) -> CoreSettings:
-        return self._load(CoreSettings, "core")  # type: ignore[no-any-return]
-
-    @cached_property
-    def kafka(self) -> KafkaSettings:
-        return self._load(KafkaSettings, "kafka")  # type: ignore[no-any-return]
-
-    @cached_property
-    def broker(self) -> BrokerSettings:
-        return self._load(BrokerSettings, "broker")  # type: ignore[no-any-return]
-
-    @cached_property
-    def limits(self) -> LimitsSettings:
-        return self._load(LimitsSettings, "limits")  # type: ignore[no-any-return]
-
-    @cached_property
-    def sdk(self) -> SdkSettings:
-        return self._load(SdkSettings, "sdk")  # type: ignore[no-any-return]
-
-    @cached_property
-    def stream(self) -> StreamSettings:
-        return self._load(StreamSettings, "stream")  # type: ignore[no-any-return]
-
-    @cached_property
-    def learner(self) -> LearnerSettings:
-        return self._load(LearnerSettings, "learner")  # type: ignore[no-any-return]
-
-    @cached_property
-    def serve(self) -> ServeSettings:
-        return self._load(ServeSettings, "serve")  # type: ignore[no-any-return]
+    core = _Slot(CoreSettings)
+    kafka = _Slot(KafkaSettings)
+    broker = _Slot(BrokerSettings)
+    limits = _Slot(LimitsSettings)
+    sdk = _Slot(SdkSettings)
+    stream = _Slot(StreamSettings)
+    learner = _Slot(LearnerSettings)
+    serve = _Slot(ServeSettings)
 
     @property
     def embedded(self) -> bool:
@@ -560,16 +553,7 @@ class Settings:
         return self.kafka.bootstrap or self.broker.bootstrap
 
     def components(self) -> dict[str, _Component]:
-        return {
-            "core": self.core,
-            "kafka": self.kafka,
-            "broker": self.broker,
-            "limits": self.limits,
-            "sdk": self.sdk,
-            "stream": self.stream,
-            "learner": self.learner,
-            "serve": self.serve,
-        }
+        return {name: getattr(self, name) for name, v in vars(type(self)).items() if isinstance(v, _Slot)}
 
     def environ(self) -> dict[str, str]:
         """These settings as `TAOFLOW_*` variables (secrets in clear), to hand to a child process."""
