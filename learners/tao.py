@@ -38,6 +38,8 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from learners import gate, lineage, training
 from learners.candidates import failed, split_counts, training_sets
 from learners.exceptions import LearnerError
@@ -84,8 +86,6 @@ class _Metrics:
     """The learner's Prometheus metrics (served by `taoflow learner` when learner.metrics_port is set)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.registry = CollectorRegistry()
         self.rounds = Counter("taoflow_learner_rounds", "TAO rounds by outcome", ["status"], registry=self.registry)
         self.stage = Histogram(

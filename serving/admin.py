@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.exceptions import BadRequest
 from serving.router import Decision
+from taoflow.metrics import exposition
 
 if TYPE_CHECKING:
     from serving.gateway import Gateway
@@ -27,7 +27,8 @@ def routes(gw: Gateway) -> APIRouter:
 
     @router.get("/metrics")  # admin or metrics key (the guard); open only in the no-auth mode
     async def metrics() -> Response:
-        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = exposition(gw.metrics.registry)
+        return Response(body, media_type=content_type)
 
     @router.get("/admin/state")
     async def admin_state(request: Request) -> JSONResponse:

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas import AdapterEvent, UtilityEvent
 from schemas import topics as names
@@ -61,8 +62,6 @@ log = logging.getLogger(__name__)
 
 class _Metrics:
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "taoflow_gateway_requests",

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiokafka.abc import ConsumerRebalanceListener
+from prometheus_client import CollectorRegistry, Histogram
 
 from schemas import topics as names
 from streams import store
@@ -28,6 +29,7 @@ from streams.parquet import ParquetLander
 from streams.sqlapi import load_httpfs
 from streams.sqlguard import lock_down, readable_dir
 from streams.sqlserver import SqlEndpoint
+from taoflow.metrics import DictCollector
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,35 +86,21 @@ class Lander:
         self.db_path = settings.core.duckdb_path
         self.con: Any = None
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="duckdb")
-        self._hist: Any = None
         self.landed: dict[str, int] = defaultdict(int)
         self.last_land_s = 0.0
-        self.land_seconds: list[float] = []  # per landed batch, drained by each scrape
         self.lag: dict[str, int] = {}  # topic/partition -> records behind the broker's high-water mark
+        # what its SQL endpoint's /metrics shows: rows landed per table, lag per partition, landing batch seconds
+        self.registry = CollectorRegistry()
+        self.registry.register(DictCollector("taoflow_lander_rows", "Rows landed in DuckDB", "table",
+                                             lambda: dict(self.landed)))  # fmt: skip
+        self.registry.register(DictCollector("taoflow_lander_lag_records", "Records not landed yet", "partition",
+                                             lambda: dict(self.lag), kind="gauge"))  # fmt: skip
+        self.batch_seconds = Histogram("taoflow_lander_batch_seconds", "Seconds to land one batch, DuckDB commit "
+                                       "included", registry=self.registry,
+                                       buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))  # fmt: skip
 
     def lag_total(self) -> int:
         return sum(self.lag.values())
-
-    def metrics_text(self) -> bytes:
-        """Prometheus exposition: rows landed per table, landing batch seconds, consumer lag per partition."""
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-        reg = CollectorRegistry()
-        rows = Counter("taoflow_lander_rows", "Rows landed in DuckDB", ["table"], registry=reg)
-        for table, n in self.landed.items():
-            rows.labels(table).inc(n)
-        lag = Gauge("taoflow_lander_lag_records", "Records not landed yet", ["partition"], registry=reg)
-        for tp, n in self.lag.items():
-            lag.labels(tp).set(n)
-        buckets = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
-        doc = "Seconds to land one batch, DuckDB commit included"
-        hist = self._hist or Histogram("taoflow_lander_batch_seconds", doc, registry=None, buckets=buckets)
-        self._hist = hist
-        for sec in self.land_seconds:
-            hist.observe(sec)
-        self.land_seconds.clear()
-        reg.register(hist)
-        return bytes(generate_latest(reg))
 
     def _acquire(self) -> Any:
         import duckdb
@@ -134,7 +122,7 @@ class Lander:
                     return
                 except TimeoutError:
                     continue
-        endpoint = SqlEndpoint(self.settings, self.con, self.health, self.metrics_text)  # its cursors: before the lock
+        endpoint = SqlEndpoint(self.settings, self.con, self.health, self.registry)  # its cursors: before the lock
         # no file or network access but the lake (landing registers its Arrow batches, so it needs none), on top of
         # sqlguard.check and read-only transactions for user SQL
         url = self.cfg.parquet_url
@@ -179,7 +167,7 @@ class Lander:
             except Exception as exc:
                 log.info("offset commit for monitoring failed (landing resumes from the file): %s", exc)
             self.last_land_s = time.perf_counter() - t0
-            self.land_seconds.append(self.last_land_s)
+            self.batch_seconds.observe(self.last_land_s)
             for tp, recs in batch.items():
                 high = consumer.highwater(tp)
                 if high is not None:

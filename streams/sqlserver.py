@@ -20,10 +20,12 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from streams.sqlapi import OWNER_FILE, TOKEN_FILE, LakeViews, write_token
 from streams.sqlguard import QueryLimits, read_cursor
 from streams.sqlguard import run as guarded_run
+from taoflow.metrics import exposition
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ class SqlEndpoint:
     """Serves `/sql`, `/healthz` and `/metrics` for the lander whose connection it is given."""
 
     def __init__(self, settings: Settings, con: Any, health: Callable[[], dict[str, Any]],
-                 metrics: Callable[[], bytes]) -> None:  # fmt: skip
+                 metrics: CollectorRegistry) -> None:  # fmt: skip
         self.settings = settings
         self.cfg = settings.stream
         self.con = con
@@ -146,4 +148,5 @@ class SqlEndpoint:
         return web.json_response(self.health())
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics(), content_type="text/plain", charset="utf-8")
+        body, content_type = exposition(self.metrics)
+        return web.Response(body=body, headers={"Content-Type": content_type})

@@ -15,7 +15,7 @@ PACKAGES = ("schemas", "streams", "learners", "serving", "taoflow")
 SUFFIXES = {
     "Counter": ("_total", "_created"),
     "CounterMetricFamily": ("_total",),
-    "CountersCollector": ("_total",),  # taoflow.metrics: a dict of counts as one labelled counter
+    "DictCollector": ("_total",),  # taoflow.metrics: a dict of values as one labelled counter (or gauge: kind=)
     "Gauge": ("",),
     "GaugeMetricFamily": ("",),
     "Histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -44,7 +44,9 @@ def exported() -> dict[str, set[str]]:
                 labels = {spec.value}
             elif isinstance(spec, ast.List | ast.Tuple):
                 labels = {e.value for e in spec.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
-            for suffix in SUFFIXES[func]:
+            kind = next((k.value for k in node.keywords if k.arg == "kind"), None)
+            gauge = func == "DictCollector" and isinstance(kind, ast.Constant) and kind.value == "gauge"
+            for suffix in ("",) if gauge else SUFFIXES[func]:
                 out.setdefault(name.value + suffix, set()).update(labels | ({"le"} if suffix == "_bucket" else set()))
     return out
 
