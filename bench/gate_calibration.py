@@ -48,7 +48,7 @@ class NoOpRound(Round):
         from peft import get_peft_model
 
         from learners.generation import load_policy
-        from learners.training import lora_config, save_adapter
+        from learners.trainers.common import lora_config, save_adapter
 
         model, _ = load_policy(self.base_model, None, device="cpu", dtype=None, trainable=True)
         save_adapter(get_peft_model(model, lora_config(self.cfg)), out)

@@ -14,9 +14,11 @@ import threading
 from typing import Any
 
 from learners.exceptions import LearnerError
+from learners.progress import METRICS
 from learners.records import RecordSink
+from learners.recovery import recover
 from learners.state import learner_dir, load_rounds, round_lock
-from learners.tao import METRICS, recover, run_round
+from learners.tao import run_round
 from streams.exceptions import QueryError
 from streams.sqlapi import query
 from taoflow.metrics import serve_metrics

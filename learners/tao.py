@@ -6,13 +6,15 @@ Every stage is recorded before it starts and after it ends, in the round's state
 `adapters/<name>/`, and only then is the round committed in its state file; the AdapterEvent and the
 `adapters` row follow. A process that dies anywhere leaves a round in state `running`; the next round
 (or `taoflow learner` at start) marks it failed and removes whatever it staged or renamed but had not
-committed, so no adapter is ever published half-way or published but unrecorded.
+committed, so no adapter is ever published half-way or published but unrecorded (`learners.recovery`, which also
+announces a round that committed before a crash). Stages, metrics and progress reporting: `learners.progress`.
 
 Where each decision lives: the parent (the adapter the gateway serves, never a rolled-back one) in
 `learners.lineage`; the held-out split and the gate's statistics (fresh draws, MinHash near duplicates, alpha
 spending across rounds, per-task regressions) in `learners.gate`; what each mode trains on, and how the generate
-stage's strategies reach the update, in `learners.candidates`; the TRL trainers and the KL reference in
-`learners.training`. Modes: `grpo`, `offline` (DPO), `rft` (SFT on verified best candidates), `rft+grpo`.
+stage's strategies reach the update, in `learners.candidates`; the TRL trainers (one per algorithm) and the KL
+reference in `learners.trainers`, where training runs in `learners.training`. Modes: `grpo`, `offline` (DPO), `rft`
+(SFT on verified best candidates), `rft+grpo`.
 The generate stage scores as it samples: a prompt whose k candidates all failed (none at `reward_threshold`,
 or, for grpo/offline, all equal) is sampled again, up to `k_max`, and the counts are in the round's metrics.
 
@@ -32,13 +34,11 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import product
 from pathlib import Path
 from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from learners import gate, lineage, training
 from learners.candidates import failed, split_counts, training_sets
@@ -55,7 +55,9 @@ from learners.generation import (
     resolve_dtype,
 )
 from learners.models import check_model, default_base_model
+from learners.progress import METRICS, Reporter, RoundResult
 from learners.records import RecordSink
+from learners.recovery import announce, recover
 from learners.rewards.composite import CompositeScorer
 from learners.rewards.registry import build_scorer
 from learners.state import (
@@ -69,98 +71,14 @@ from learners.state import (
     staging_dir,
     write_json_atomic,
 )
-from learners.training import check_trl_overrides, placement
-from schemas import AdapterEvent
+from learners.trainers.common import check_trl_overrides
+from learners.training import placement
 from streams.exceptions import QueryError
 from streams.sqlapi import query
 from taoflow.lora import vllm_lora_rank
 from taoflow.settings import Settings
 
 log = logging.getLogger(__name__)
-
-STAGES = ("select", "generate", "score", "train", "gate", "publish")
-TERMINAL = frozenset({"published", "gated_out", "skipped", "failed"})
-
-
-class _Metrics:
-    """The learner's Prometheus metrics (served by `taoflow learner` when learner.metrics_port is set)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.rounds = Counter("taoflow_learner_rounds", "TAO rounds by outcome", ["status"], registry=self.registry)
-        self.stage = Histogram(
-            "taoflow_learner_stage_seconds",
-            "Seconds per round stage",
-            ["stage"],
-            buckets=(0.1, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600),
-            registry=self.registry,
-        )
-        self.gain = Gauge(
-            "taoflow_learner_last_gain", "Held-out reward gain of the last gated round", registry=self.registry
-        )
-        self.tokens_per_s = Gauge(
-            "taoflow_learner_generation_tokens_per_s", "Generation throughput, last round", registry=self.registry
-        )
-
-
-METRICS = _Metrics()
-
-
-class Reporter:
-    """Progress of a round; the CLI shows a bar per stage. The default logs stage changes."""
-
-    def stage(self, name: str, total: int | None = None) -> None:
-        log.info("round stage %s%s", name, f" ({total} items)" if total else "")
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def done(self, name: str, seconds: float, note: str = "") -> None:
-        log.info("round stage %s done in %.1fs %s", name, seconds, note)
-
-
-@dataclass
-class RoundResult:
-    round_id: str
-    status: str
-    adapter: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    records: str | None = None  # where the round's rows went (`RecordSink.where`)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# files: the learner directory, atomic writes, the single-round lock
-
-
-def recover(settings: Settings, sink: RecordSink) -> list[str]:
-    """Settle rounds a dead process left `running` (call with the round lock held). Returns their ids."""
-    settled = []
-    for doc in load_rounds(settings):
-        if doc.get("status") in TERMINAL:
-            continue
-        state = RoundState(settings, sink, doc)
-        name = doc.get("adapter_name")
-        if doc.get("committed") and name:
-            _announce(settings, sink, state)  # committed before the crash: finish recording it (idempotent)
-            log.warning("round %s had committed adapter %s; its records are completed now", doc["round_id"], name)
-        else:
-            if name:
-                for leftover in (staging_dir(settings, name), settings.core.adapters_dir / name):
-                    shutil.rmtree(leftover, ignore_errors=True)
-            stage = doc.get("stage") or "start"
-            state.save(
-                status="failed",
-                finished_at=now_iso(),
-                adapter=None,
-                error=f"interrupted during {stage}: the process died before the round finished",
-            )
-            log.warning("round %s was interrupted during %s; marked failed", doc["round_id"], stage)
-        shutil.rmtree(learner_dir(settings) / "rounds" / doc["round_id"], ignore_errors=True)
-        settled.append(doc["round_id"])
-    return settled
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -769,27 +687,7 @@ class Round:
         checkpoint(self.settings, "publish:renamed")
         self.state.doc.update(adapter=name, sha256=sha, path=str(final))
         self.state.save(committed=True, committed_at=now_iso())  # the commit point
-        _announce(self.settings, self.sink, self.state)
-
-
-def _announce(settings: Settings, sink: RecordSink, state: RoundState) -> None:
-    """The AdapterEvent, the `adapters` row and the round's final row (all idempotent by key)."""
-    d = state.doc
-    name = d["adapter_name"]
-    write_json_atomic(learner_dir(settings) / "current.json", {"adapter": name, "round_id": d["round_id"]})
-    metrics = {k: float(v) for k, v in d.get("metrics", {}).items() if isinstance(v, int | float)}
-    event = AdapterEvent(
-        adapter=name,
-        action="published",
-        ts=datetime.fromisoformat(d["committed_at"]),
-        base_model=d["base_model"],
-        path=str(settings.core.adapters_dir / name),
-        round_id=d["round_id"],
-        sha256=d["sha256"],
-        metrics=metrics,
-    )
-    sink.adapter_event(event)
-    state.save(status="published", adapter=name, finished_at=d.get("finished_at") or now_iso())
+        announce(self.settings, self.sink, self.state)
 
 
 def run_round(settings: Settings, reporter: Reporter | None = None, *, prefer_kafka: bool = True) -> RoundResult:

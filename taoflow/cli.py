@@ -178,7 +178,8 @@ def tao_run(k: int | None, steps: int | None, mode: str | None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from learners.tao import Reporter, run_round
+    from learners.progress import Reporter
+    from learners.tao import run_round
     from taoflow.settings import Settings
 
     overrides = {key: v for key, v in (("k", k), ("steps", steps), ("mode", mode)) if v is not None}

@@ -41,9 +41,11 @@ from learners.generation import (
     physical_gpu,
     resolve_device,
 )
+from learners.progress import Reporter
 from learners.records import RecordSink
-from learners.tao import Reporter, Round, run_round
+from learners.tao import Round, run_round
 from learners.tasks import arithmetic_prompts, solve
+from learners.trainers import common, grpo
 from taoflow.lora import vllm_lora_rank
 from tests.learners.conftest import announce, land_prompts, learner_settings, make_adapter
 
@@ -311,13 +313,13 @@ def test_grpo_config_samples_as_grpo_vllm_mode_says(monkeypatch, tmp_path, backe
         FakeVllm(monkeypatch)
     else:
         monkeypatch.delitem(sys.modules, "vllm", raising=False)
-        monkeypatch.setattr(training.importlib.util, "find_spec", lambda name, *a: None)
+        monkeypatch.setattr(grpo.importlib.util, "find_spec", lambda name, *a: None)
     cfg = Settings(overrides={"learner": {
         "backend": backend, "grpo_vllm_mode": mode, "vllm_gpu_memory_utilization": 0.35,
         "vllm_server_host": "10.1.2.3", "vllm_server_port": 8123,
     }}).learner  # fmt: skip
-    fields = training.grpo_sampling(cfg)
-    config = training._config(GRPOConfig, {"output_dir": str(tmp_path), "use_cpu": True, **fields}, cfg.trl)
+    fields = grpo.grpo_sampling(cfg)
+    config = common.trl_config(GRPOConfig, {"output_dir": str(tmp_path), "use_cpu": True, **fields}, cfg.trl)
     for key, value in want.items():
         assert getattr(config, key) == value, key
     # explicit sampling whatever the mode: nothing left to a model's generation_config
@@ -327,7 +329,7 @@ def test_grpo_config_samples_as_grpo_vllm_mode_says(monkeypatch, tmp_path, backe
     if want["use_vllm"] and mode == "colocate":
         assert "vllm_server_host" not in fields
     # learner.trl still wins over the defaults
-    over = training._config(GRPOConfig, {"output_dir": str(tmp_path), "use_cpu": True, **fields}, {"top_k": 5})
+    over = common.trl_config(GRPOConfig, {"output_dir": str(tmp_path), "use_cpu": True, **fields}, {"top_k": 5})
     assert over.top_k == 5
 
 

@@ -78,7 +78,7 @@ def test_the_kl_reference_is_the_served_parent_even_after_rft_moved_the_adapter(
     from learners.rewards.composite import CompositeScorer
     from learners.rewards.registry import build_scorer
     from learners.rewards.specs import ArithmeticSpec
-    from learners.training import build_grpo
+    from learners.trainers.grpo import build_grpo
 
     settings = learner_settings(tmp_path / "d", warm_model)
     parent = make_adapter(settings, "parent", noise=0.05, seed=1)
@@ -115,7 +115,7 @@ def test_a_scorer_answering_none_leaves_the_completion_out_instead_of_rewarding_
     from learners.rewards.composite import CompositeScorer
     from learners.rewards.registry import build_scorer
     from learners.rewards.specs import ArithmeticSpec
-    from learners.training import reward_function
+    from learners.trainers.common import reward_function
 
     fn = reward_function(CompositeScorer([build_scorer(ArithmeticSpec(type="arithmetic"))]))
     prompts = ["What is 1 + 2?", "hello there"]
@@ -181,7 +181,7 @@ class _NoOpRound(Round):
         from peft import get_peft_model
 
         from learners.generation import load_policy
-        from learners.training import lora_config, save_adapter
+        from learners.trainers.common import lora_config, save_adapter
 
         model, _ = load_policy(self.base_model, None, device="cpu", dtype=None, trainable=True)
         save_adapter(get_peft_model(model, lora_config(self.cfg)), out)

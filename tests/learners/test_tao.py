@@ -14,9 +14,10 @@ import duckdb
 import pytest
 
 from learners.exceptions import LearnerError
+from learners.progress import STAGES
 from learners.records import RecordSink
 from learners.state import learner_dir, round_lock
-from learners.tao import STAGES, Round, run_round
+from learners.tao import Round, run_round
 from learners.tasks import arithmetic_prompts
 from tests.learners.conftest import announce, land_prompts, learner_settings
 

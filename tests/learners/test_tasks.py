@@ -46,7 +46,7 @@ def test_grpo_on_fewer_prompts_than_a_step_takes_still_makes_its_steps(tmp_path,
     from learners.rewards.composite import CompositeScorer
     from learners.rewards.registry import build_scorer
     from learners.rewards.specs import ArithmeticSpec
-    from learners.training import train_grpo
+    from learners.trainers.grpo import train_grpo
     from tests.learners.conftest import learner_settings
 
     cfg = learner_settings(tmp_path / "d", warm_model, k=2, steps=2, batch_prompts=4).learner
