@@ -45,6 +45,16 @@ class WorkerContext:
     def outbox(self) -> Outbox:
         return Outbox(self.partitions, self.cfg.max_record_bytes)
 
+    def parking_refusal(self, waiting_for: str, events: int, size: int) -> str | None:
+        """Why feedback cannot wait for `waiting_for` (an interaction, a session's first step) that has not arrived:
+        `events` waiting and `size` bytes, the new one included, past the per-key caps; None if it may wait."""
+        cfg = self.cfg
+        if events <= cfg.max_parked_feedback and size <= cfg.max_parked_bytes:
+            return None
+        return (f"too much feedback waiting for {waiting_for}: {events} events, {size} bytes with this one (limits: "
+                f"TAOFLOW_STREAM_MAX_PARKED_FEEDBACK={cfg.max_parked_feedback}, "
+                f"TAOFLOW_STREAM_MAX_PARKED_BYTES={cfg.max_parked_bytes})")  # fmt: skip
+
     def dead_letter(self, out: Outbox, message: Any, error: str) -> None:
         """Queue the original bytes of a bad message, with where it came from and why, for the dead-letter topic.
 

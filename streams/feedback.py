@@ -45,12 +45,9 @@ def _one(ctx: WorkerContext, out: Outbox, fb: Any, msg: Any, table: Any, pending
         # dead-lettered as it was; its caller is checked then
         raw = msg.value.decode("utf-8", "replace") if isinstance(msg.value, bytes) else str(msg.value)
         size = parked.get("b", sum(len(i[5]) for i in parked["items"])) + len(raw)
-        if len(parked["items"]) >= cfg.max_parked_feedback or size > cfg.max_parked_bytes:
-            ctx.dead_letter(out, msg, (
-                f"too much feedback waiting for interaction {iid!r}, which has not arrived: {len(parked['items'])} "
-                f"events, {size} bytes with this one (limits: TAOFLOW_STREAM_MAX_PARKED_FEEDBACK="
-                f"{cfg.max_parked_feedback}, TAOFLOW_STREAM_MAX_PARKED_BYTES={cfg.max_parked_bytes})"
-            ))  # fmt: skip
+        refused = ctx.parking_refusal(f"interaction {iid!r}, which has not arrived", len(parked["items"]) + 1, size)
+        if refused is not None:
+            ctx.dead_letter(out, msg, refused)
             ctx.count("feedback_over_parking_limit")
             return
         parked["items"].append([fb.kind, fb.value, ts, msg.partition, msg.offset, raw, fb.caller])

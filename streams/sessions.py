@@ -117,11 +117,9 @@ def _one(ctx: WorkerContext, out: Outbox, msg: Any, table: Any) -> None:
             # kept as it came until a step arrives: if none does within the join TTL, it goes to the dead letters
             waiting = [*state.get("pf", ()), item]
             size = sum(len(w[5]) for w in waiting)
-            if len(waiting) > ctx.cfg.max_parked_feedback or size > ctx.cfg.max_parked_bytes:
-                dead_letter_parked(ctx, out, waiting[-1], (
-                    f"too much feedback waiting for session {rec['sid']!r}, which has no step yet: {len(waiting)} "
-                    f"events, {size} bytes (TAOFLOW_STREAM_MAX_PARKED_FEEDBACK={ctx.cfg.max_parked_feedback}, "
-                    f"TAOFLOW_STREAM_MAX_PARKED_BYTES={ctx.cfg.max_parked_bytes})"))  # fmt: skip
+            refused = ctx.parking_refusal(f"session {rec['sid']!r}, which has no step yet", len(waiting), size)
+            if refused is not None:
+                dead_letter_parked(ctx, out, waiting[-1], refused)
                 ctx.count("session_feedback_over_parking_limit")
                 return
             state["pf"] = waiting
