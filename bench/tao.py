@@ -22,7 +22,8 @@ runs in every round; it is told to publish anyway (margin -1) so the arm measure
 gate would have decided at its real settings is reported beside it.
 Also per seed: the base model's pass@k on eval questions (unbiased estimator from 64 samples: the ceiling RL can
 reach) and the eval reward of one TAO-RFT round per test-time budget k (no adaptive top-up, so k is the budget).
-Evaluation is greedy on the eval questions. Intervals are 95% paired bootstraps over seeds and questions.
+Evaluation on the eval questions, two ways: the greedy answer, and the mean of 8 answers sampled at temperature 1
+(the gateway's default decoding, and the gate's). Intervals are 95% paired bootstraps over seeds and questions.
 
     python bench/tao.py                # the full run (5 seeds)
     python bench/tao.py --quick        # a smoke run (1 seed, small sizes), a couple of minutes
@@ -87,9 +88,10 @@ FULL = {
     "ks": (2, 4, 8, 16, 32, 64),
     "ks_seeds": 1,
     "passk_eval": 30,
+    "eval_samples": 8,
 }
 QUICK = {"seeds": 1, "warm": 600, "train": 24, "eval": 30, "warm_steps": 100, "hidden": 64, "layers": 2,
-         "rounds": 1, "steps": 4, "k": 4, "ks": (2, 4), "ks_seeds": 1, "passk_eval": 10}  # fmt: skip
+         "rounds": 1, "steps": 4, "k": 4, "ks": (2, 4), "ks_seeds": 1, "passk_eval": 10, "eval_samples": 2}  # fmt: skip
 
 
 def say(msg: str) -> None:
@@ -140,6 +142,17 @@ def evaluate(base: str, adapter: Path | None, items: list[tuple[str, str, str]],
     out = gen.generate([render(p, tok) for _, p, _ in items], n=1, temperature=1.0, max_new_tokens=max_new_tokens,
                        greedy=True)  # fmt: skip
     return verify(items, [o[0] for o in out])
+
+
+def evaluate_sampled(
+    base: str, adapter: Path | None, items: list[tuple[str, str, str]], max_new_tokens: int, n: int, seed: int
+) -> list[float]:
+    """Per eval question, the mean verified reward of `n` answers sampled at temperature 1: what a user gets from the
+    gateway's default decoding (and what the gate measures), where `evaluate` is the greedy answer."""
+    model, tok = load_policy(base, adapter, device="cpu", dtype=None)
+    gen = TransformersGenerator(model, tok, batch_size=256, seed=seed)
+    out = gen.generate([render(p, tok) for _, p, _ in items], n=n, temperature=1.0, max_new_tokens=max_new_tokens)
+    return [float(np.mean(verify([item] * n, samples))) for item, samples in zip(items, out, strict=True)]
 
 
 def pass_at_k(base: str, items: list[tuple[str, str, str]], n: int, max_new_tokens: int, seed: int) -> dict[str, Any]:
@@ -210,7 +223,7 @@ def sft_arm(out: Path, base: str, train: list[tuple[str, str, str]], cfg: dict[s
             steps: int) -> dict[str, Any]:  # fmt: skip
     """Labeled SFT with the learner's RFT trainer (same LoRA, lr, batch), on the true answers of the train prompts
     a round's gate would leave to training."""
-    from learners.training import train_rft
+    from learners.trainers.rft import train_rft
 
     split = gate.split_prompts([p for _, p, _ in train], fraction=0.2, trained=set(), seed=seed)
     kept = [train[i] for i in split.train]
@@ -247,20 +260,21 @@ def fmt(ci: tuple[float, float, float]) -> str:
     return f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
 
 
-def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(seeds: list[dict[str, Any]], key: str = "eval") -> dict[str, Any]:
+    """The tables for one decoding: `eval` (greedy) or `eval_t1` (sampled at temperature 1)."""
     tasks = [t for t, _, _ in seeds[0]["eval_items"]]
     out: dict[str, Any] = {"arms": {}, "by_task": {}, "vs_sft": {}, "vs_base_by_task": {}, "budgets": {},
                            "pass_at_k": {}, "by_k": {}}  # fmt: skip
     for arm in ARMS:
-        vals = [np.asarray(s["eval"][arm]) for s in seeds]
+        vals = [np.asarray(s[key][arm]) for s in seeds]
         out["arms"][arm] = boot(vals)
         out["by_task"][arm] = {
             t: boot([v[[i for i, x in enumerate(tasks) if x == t]] for v in vals]) for t in TASK_TYPES
         }
         if arm != "sft":
-            out["vs_sft"][arm] = boot([v - np.asarray(s["eval"]["sft"]) for v, s in zip(vals, seeds, strict=True)])
+            out["vs_sft"][arm] = boot([v - np.asarray(s[key]["sft"]) for v, s in zip(vals, seeds, strict=True)])
         if arm != "base":
-            base = [np.asarray(s["eval"]["base"]) for s in seeds]
+            base = [np.asarray(s[key]["base"]) for s in seeds]
             out["vs_base_by_task"][arm] = {
                 t: boot([(v - b)[[i for i, x in enumerate(tasks) if x == t]] for v, b in zip(vals, base, strict=True)])
                 for t in TASK_TYPES
@@ -271,7 +285,7 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         out["pass_at_k"][k] = boot([np.asarray(s["pass_at_k"][k]) for s in seeds])
     with_k = [s for s in seeds if s.get("by_k")]
     for k in with_k[0]["by_k"] if with_k else []:
-        out["by_k"][k] = boot([np.asarray(s["by_k"][k]["eval"]) for s in with_k])
+        out["by_k"][k] = boot([np.asarray(s["by_k"][k][key]) for s in with_k])
         out["by_k"][k] += (float(np.mean([s["by_k"][k]["tokens"] for s in with_k])),)
     return out
 
@@ -306,9 +320,12 @@ def run_seed(root: Path, seed: int, cfg: dict[str, Any], base: str, warm: dict[s
     train = prompts_of(splits["train"], seed + 1)
     eval_items = prompts_of(splits["eval"], seed + 2)
     mnt = cfg["max_new_tokens"]
-    res: dict[str, Any] = {"seed": seed, "eval_items": eval_items, "eval": {}, "budgets": {}, "rounds": {}}
+    res: dict[str, Any] = {"seed": seed, "eval_items": eval_items, "eval": {}, "eval_t1": {}, "budgets": {},
+                           "rounds": {}}  # fmt: skip
     res["eval"]["base"] = evaluate(base, None, eval_items, mnt)
-    say(f"seed {seed}: base eval {np.mean(res['eval']['base']):.3f}")
+    res["eval_t1"]["base"] = evaluate_sampled(base, None, eval_items, mnt, cfg["eval_samples"], seed + 3)
+    say(f"seed {seed}: base eval {np.mean(res['eval']['base']):.3f} greedy, "
+        f"{np.mean(res['eval_t1']['base']):.3f} sampled")  # fmt: skip
     t0 = time.perf_counter()
     sub = [it for t in TASK_TYPES for it in [x for x in eval_items if x[0] == t][: cfg["passk_eval"]]]
     pk = pass_at_k(base, sub, 64 if cfg["ks"][-1] >= 64 else max(cfg["ks"]), mnt, seed)
@@ -324,8 +341,10 @@ def run_seed(root: Path, seed: int, cfg: dict[str, Any], base: str, warm: dict[s
                         label=f"seed {seed} {arm}")  # fmt: skip
             res["rounds"][arm] = r["rounds"]
         res["eval"][arm] = evaluate(base, r["adapter"], eval_items, mnt)
+        res["eval_t1"][arm] = evaluate_sampled(base, r["adapter"], eval_items, mnt, cfg["eval_samples"], seed + 3)
         res["budgets"][arm] = {key: r[key] for key in ("tokens", "steps", "seconds")}
-        say(f"seed {seed}: {arm} eval {np.mean(res['eval'][arm]):.3f} ({r['steps']:.0f} steps, "
+        say(f"seed {seed}: {arm} eval {np.mean(res['eval'][arm]):.3f} greedy, {np.mean(res['eval_t1'][arm]):.3f} "
+            f"sampled ({r['steps']:.0f} steps, "
             f"{r['tokens']:.0f} generated tokens, {r['seconds']:.0f}s)")  # fmt: skip
         shutil.rmtree(root / arm, ignore_errors=True)
     res["train"] = train
@@ -341,8 +360,11 @@ def k_sweep(root: Path, res: dict[str, Any], cfg: dict[str, Any], base: str) -> 
         r = tao_arm(root / f"k{k}", base, res["train"], cfg, mode="rft", k=k, k_max=k, rounds=1, seed=seed,
                     label=f"seed {seed} k={k}")  # fmt: skip
         res["by_k"][k] = {"eval": evaluate(base, r["adapter"], res["eval_items"], cfg["max_new_tokens"]),
+                          "eval_t1": evaluate_sampled(base, r["adapter"], res["eval_items"], cfg["max_new_tokens"],
+                                                      cfg["eval_samples"], seed + 3),
                           "tokens": r["tokens"]}  # fmt: skip
-        say(f"seed {seed}: TAO-RFT k={k} eval {np.mean(res['by_k'][k]['eval']):.3f} ({r['tokens']:.0f} tokens)")
+        say(f"seed {seed}: TAO-RFT k={k} eval {np.mean(res['by_k'][k]['eval']):.3f} greedy, "
+            f"{np.mean(res['by_k'][k]['eval_t1']):.3f} sampled ({r['tokens']:.0f} tokens)")  # fmt: skip
         shutil.rmtree(root / f"k{k}", ignore_errors=True)
 
 
@@ -416,12 +438,14 @@ def main() -> None:
 
 def finish(path: Path | None, cfg: dict[str, Any], seeds: list[dict[str, Any]], t_start: float, final: bool) -> None:
     seconds = time.perf_counter() - t_start
-    summary = summarise(seeds)
+    summary, sampled = summarise(seeds), summarise(seeds, "eval_t1")
     if final:
-        print("\n" + report(summary, cfg, seeds, seconds), flush=True)
+        print("\ngreedy\n" + report(summary, cfg, seeds, seconds), flush=True)
+        head = f"sampled at temperature 1 (mean of {cfg['eval_samples']} per question)"
+        print(f"\n{head}\n" + report(sampled, cfg, seeds, seconds), flush=True)
     if path:
-        path.write_text(json.dumps({"config": cfg, "seconds": seconds, "summary": summary, "seeds": seeds,
-                                    "complete": final}, indent=1, default=str))  # fmt: skip
+        path.write_text(json.dumps({"config": cfg, "seconds": seconds, "summary": summary, "summary_t1": sampled,
+                                    "seeds": seeds, "complete": final}, indent=1, default=str))  # fmt: skip
 
 
 if __name__ == "__main__":
