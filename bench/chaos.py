@@ -202,9 +202,9 @@ class Producer(threading.Thread):
             futures = []
             start = time.monotonic()
             for n, (topic, key, value) in enumerate(self.stream):
-                due = start + self.duration_s * n / len(self.stream)
-                if due > time.monotonic():
-                    time.sleep(due - time.monotonic())
+                wait = start + self.duration_s * n / len(self.stream) - time.monotonic()
+                if wait > 0:  # read once: a second reading could be past `due` already (a negative sleep raises)
+                    time.sleep(wait)
                 fut = producer.send(topic, key=key.encode(), value=value)
                 if topic == "taoflow.interactions":
                     futures.append((key, fut))
