@@ -175,38 +175,14 @@ def tao_run(k: int | None, steps: int | None, mode: str | None) -> None:
     Prompts come from the `interactions` table (inputs only); the scorers are learner.scorers, else the
     stream's. Prints the round's outcome; `taoflow sql "SELECT * FROM tao_rounds"` shows every round.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from learners.progress import Reporter
     from learners.tao import run_round
+    from taoflow.bars import StageBars, bars
     from taoflow.settings import Settings
 
     overrides = {key: v for key, v in (("k", k), ("steps", steps), ("mode", mode)) if v is not None}
     settings = Settings(overrides={"learner": overrides}) if overrides else _settings()
-    console = Console(stderr=True)
-
-    class Bars(Reporter):
-        def __init__(self, progress: Progress) -> None:
-            self.progress = progress
-            self.task: Any = None
-
-        def stage(self, name: str, total: int | None = None) -> None:
-            self.task = self.progress.add_task(name, total=total or 1)
-
-        def advance(self, n: int = 1) -> None:
-            if self.task is not None:
-                self.progress.advance(self.task, n)
-
-        def done(self, name: str, seconds: float, note: str = "") -> None:
-            if self.task is not None:
-                total = self.progress.tasks[self.task].total
-                self.progress.update(self.task, completed=total, description=f"{name} ({seconds:.1f}s)")
-            self.task = None
-
-    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        result = run_round(settings, Bars(progress))
+    with bars() as progress:
+        result = run_round(settings, StageBars(progress))
     m = result.metrics
     click.echo(
         f"round {result.round_id}: {result.status}" + (f" -> adapter {result.adapter}" if result.adapter else "")
@@ -332,6 +308,7 @@ def demo(seed: int, events: int, fast: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from taoflow.bars import bars
     from taoflow.demo import SUPPORT_QUALITY, run_demo
     from taoflow.settings import Settings
 
@@ -343,8 +320,9 @@ def demo(seed: int, events: int, fast: bool) -> None:
     n = 1500 if fast else events
     where = "the embedded broker" if settings.embedded else settings.bootstrap
     console.print(f"[bold]taoflow demo[/]: {n} requests through the gateway and {where}; data in {data_dir}")
-    result = run_demo(settings, events=n, seed=seed, train_steps=50 if fast else 100,
-                      log=lambda msg: console.print(msg, highlight=False))  # fmt: skip
+    with bars(console) as progress:  # a bar per phase's traffic and per round stage; phase lines print above them
+        result = run_demo(settings, events=n, seed=seed, train_steps=50 if fast else 100, progress=progress,
+                          log=lambda msg: progress.console.print(msg, highlight=False))  # fmt: skip
     table = Table("task", "operator", "true quality", "learned utility", title="What the loop learned")
     for column in table.columns:
         column.overflow = "fold"  # adapter names (`direct@tao-2026...`) are what users copy: never cut them

@@ -71,10 +71,10 @@ class DemoResult:
 class Agents:
     """Simulated agents: a few threads sending math and support traffic through the gateway."""
 
-    def __init__(self, url: str, rng: random.Random, threads: int = 3) -> None:
+    def __init__(self, url: str, rng: random.Random, threads: int = 3, progress: Any = None) -> None:
         import httpx
 
-        self.url, self.rng, self.threads = url, rng, threads
+        self.url, self.rng, self.threads, self.progress = url, rng, threads, progress
         self.client = httpx.Client(base_url=url, timeout=120)
         self.stop = threading.Event()
         self.sent = 0
@@ -102,11 +102,18 @@ class Agents:
             if r.status_code != 200:
                 self.failures += 1
 
-    def run(self, n: int) -> None:
-        """Send n requests over the agent threads; returns when they are answered."""
+    def bar(self, name: str, total: int) -> Any:
+        """A progress bar for requests to come (None without a `progress`)."""
+        return self.progress.add_task(name, total=total) if self.progress is not None else None
+
+    def run(self, n: int, bar: str | None = None, task: Any = None) -> None:
+        """Send n requests over the agent threads; returns when they are answered. A bar named `bar` (or the bar
+        `task`) counts them."""
         start = self.sent
         counter = iter(range(start, start + n))
         lock = threading.Lock()
+        if task is None and bar:
+            task = self.bar(bar, n)
 
         def loop() -> None:
             while not self.stop.is_set():
@@ -115,6 +122,8 @@ class Agents:
                 if i is None:
                     return
                 self.one(i)
+                if task is not None:
+                    self.progress.advance(task)
 
         ts = [threading.Thread(target=loop, daemon=True) for _ in range(self.threads)]
         for t in ts:
@@ -135,9 +144,16 @@ DEMO_CANARY_REWARDS = 150  # production default: 20,000 (settings: serve.release
 
 
 def run_demo(
-    settings: Settings, *, events: int = 1600, seed: int = 0, train_steps: int = 100, log: Any = None
+    settings: Settings,
+    *,
+    events: int = 1600,
+    seed: int = 0,
+    train_steps: int = 100,
+    log: Any = None,
+    progress: Any = None,
 ) -> DemoResult:
-    """Run the loop end to end (see the module docstring); `log(message)` reports progress."""
+    """Run the loop end to end (see the module docstring); `log(message)` reports each phase, and a rich `progress`
+    (`taoflow.bars.bars`) draws a bar for each phase's traffic and each stage of a TAO round."""
     import uvicorn
 
     from learners.tao import run_round
@@ -145,6 +161,7 @@ def run_demo(
     from serving.backends import TransformersBackend
     from serving.gateway import Gateway, build_app
     from streams.sqlapi import query
+    from taoflow.bars import StageBars
 
     say = log or (lambda msg: None)
     rng = random.Random(seed)
@@ -202,19 +219,19 @@ def run_demo(
         _wait(lambda: server.started or not thread.is_alive(), 300, "the gateway")
         if not server.started:
             raise TaoflowError("the gateway failed to start; see the log above")
-        agents = Agents(f"http://127.0.0.1:{port}/v1", rng)
+        agents = Agents(f"http://127.0.0.1:{port}/v1", rng, progress=progress)
         agents.run(2)
         _wait(lambda: count("SELECT count(*) FROM interactions") >= 2, 180, "the stream worker")
         first = events * 2 // 3
         say(f"phase 1: {first} requests through the gateway (math: verifier; support: user feedback)")
-        agents.run(first)
+        agents.run(first, bar="phase 1 requests")
         _wait(lambda: count("SELECT count(*) FROM interactions") >= agents.sent, 120, "the interactions to land")
         say(
             "phase 2: a TAO round on the math prompts the stream landed (prompts only, no labels); in this drill the "
             "gate reports its verdict and publishes anyway, so that the release test decides on live traffic"
         )
-        for _ in range(3):
-            r = run_round(s)
+        for attempt in range(1, 4):
+            r = run_round(s, StageBars(progress, f"round {attempt} ") if progress is not None else None)
             result.rounds.append(r)
             m = r.metrics
             say(
@@ -232,12 +249,13 @@ def run_demo(
             )
             say(f"phase 3: {name} serves as a canary; traffic goes on until it is promoted or rolled back")
             budget = max(events - first, 4 * DEMO_CANARY_REWARDS)
+            canary_bar = agents.bar("phase 3 requests", budget)  # ends early once the canary is decided
             while budget > 0 and gateway.router.canary == name:
-                agents.run(min(100, budget))
+                agents.run(min(100, budget), task=canary_bar)
                 budget -= 100
             if gateway.router.incumbent == name:
                 say("phase 4: 300 more requests, now served by the promoted adapter")
-                agents.run(300)
+                agents.run(300, bar="phase 4 requests")
             decision = gateway.decisions.get(name)
             if decision is None:
                 say(f"  adapter {name}: still a canary when the demo's traffic ran out")

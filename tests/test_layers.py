@@ -28,8 +28,8 @@ GROUND = (
     "learners.generation", "learners.tasks", "streams.exceptions", "streams.store", "streams.sqlguard",
     "streams.sqlapi", "streams.lake", "serving.exceptions",
 )  # fmt: skip
-ROOF = ("taoflow", "taoflow.cli", "taoflow.up", "taoflow.demo", "taoflow.report",
-        "taoflow.knowledge")  # fmt: skip
+ROOF = ("taoflow", "taoflow.cli", "taoflow.up", "taoflow.demo", "taoflow.report", "taoflow.knowledge",
+        "taoflow.bars")  # fmt: skip
 HEAVY = ("torch", "transformers", "trl", "peft", "vllm", "accelerate", "datasets", "faust", "mode", "aiokafka",
          "pyarrow", "duckdb", "fastapi", "uvicorn", "starlette", "aiohttp", "httpx", "prometheus_client", "plotly",
          "apscheduler", "kafka", "rich", "click")  # fmt: skip
