@@ -189,6 +189,11 @@ def to_csv(data: dict[str, Any]) -> str:
 def render(data: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
+    def show(table: Table) -> None:
+        for column in table.columns:
+            column.overflow = "fold"  # operator, adapter and round names are what users copy: wrapped, never cut
+        console.print(table)
+
     r = data["rewards"]
     scope = f" for task type {data['task_type']}" if data["task_type"] else ""
     console.print(
@@ -213,7 +218,7 @@ def render(data: dict[str, Any], console: Any) -> None:
             change,
             str(tr["n"]),
         )
-    console.print(t)
+    show(t)
     lb = Table(title="Operator leaderboard")
     for col in ("task type", "#", "operator", "utility", "n", "share", "reward", "last update"):
         lb.add_column(col)
@@ -228,7 +233,7 @@ def render(data: dict[str, Any], console: Any) -> None:
             _f(row["mean_reward"]),
             str(row["last_update"] or "-")[:19],
         )
-    console.print(lb)
+    show(lb)
     if any(e["imported"] for e in data.get("evidence", [])):
         ev = Table(
             "task type",
@@ -240,7 +245,7 @@ def render(data: dict[str, Any], console: Any) -> None:
         )
         for e in data["evidence"]:
             ev.add_row(e["task_type"], e["operator"], _f(e["utility"]), str(e["learned"]), str(e["imported"]))
-        console.print(ev)
+        show(ev)
     if data.get("sessions"):
         st = Table("task type", "operator", "adapter", "sessions", "steps (mean)", "reward [95% interval]", "duration",
                    title="Session outcomes per operator (multi-step sessions with session feedback)")  # fmt: skip
@@ -249,7 +254,7 @@ def render(data: dict[str, Any], console: Any) -> None:
             duration = "-" if row["mean_duration_s"] is None else f"{row['mean_duration_s']:.1f} s"
             st.add_row(row["task_type"], row["operator"], row["adapter"], str(row["sessions"]),
                        _f(row["mean_steps"], 1), reward, duration)  # fmt: skip
-        console.print(st)
+        show(st)
     rt = Table(title="TAO rounds")
     for col in ("round", "decision", "prompts", "reward before", "after", "gain (lower bound)", "seconds", "adapter"):
         rt.add_column(col)
@@ -265,7 +270,7 @@ def render(data: dict[str, Any], console: Any) -> None:
             _f(row["seconds"], 1),
             row["adapter"] or "-",
         )
-    console.print(rt)
+    show(rt)
     if data.get("release_decisions"):
         dt = Table("adapter", "decision", "when", "n (adapter / reference)", "mean reward", "difference [95% interval]",
                    title="Release decisions (sequential test on rewards)")  # fmt: skip
@@ -278,7 +283,7 @@ def render(data: dict[str, Any], console: Any) -> None:
                 f"{m['mean_challenger']:.3f} / {m['mean_reference']:.3f}" if has else "-",
                 f"{m['diff']:+.3f} [{m['lower']:+.3f}, {m['upper']:+.3f}]" if has else (d.get("reason") or "-"),
             )  # fmt: skip
-        console.print(dt)
+        show(dt)
     dl = ", ".join(
         f"{d['source_topic']}: {d['dead_letters']} ({_pct(d['rate'])})" for d in data["health"]["dead_letters"]
     )
