@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from serving.exceptions import AuthError, BadRequest, ServingError
-from streams.sqlapi import bucket_width, query
+from streams.sqlapi import bucket_width, query, running_lander
 from taoflow.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -66,8 +66,10 @@ def lander_status(settings: Settings) -> dict[str, Any] | None:
     import json
     import urllib.request
 
+    info = running_lander(settings)
+    if info is None:
+        return None
     try:
-        info = json.loads((settings.core.data_dir / "lander.json").read_text())
         with urllib.request.urlopen(info["url"] + "/healthz", timeout=2) as resp:
             doc: dict[str, Any] = json.loads(resp.read())
     except (OSError, ValueError, KeyError):

@@ -92,19 +92,27 @@ def bucket_width(first: Any, last: Any, buckets: int, empty: int = 3600) -> int:
     return next((w for w in _WIDTHS if span / w <= buckets), _WIDTHS[-1])
 
 
+def running_lander(settings: Settings) -> dict[str, Any] | None:
+    """What the lander that owns the file wrote about itself (`url`, `pid`, `local`), if one runs. A lander in this
+    machine's process space is checked by pid; one in another container (shared volume, advertised host) is taken
+    at its word (it is asked; a dead one's address fails the request)."""
+    try:
+        info = json.loads((settings.core.data_dir / OWNER_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(info, dict) or "url" not in info:
+        return None
+    if info.get("local", True) and not _pid_alive(int(info.get("pid", -1))):
+        return None
+    return info
+
+
 def query(sql: str, settings: Settings | None = None, timeout: float = 60.0) -> QueryResult:
     """Run SQL over the outcome tables, also while ingestion runs (no lock errors, worker keeps going)."""
     settings = settings or Settings()
     limits = QueryLimits.from_settings(settings.stream)
-    owner = settings.core.data_dir / OWNER_FILE
-    info: dict[str, Any] | None = None
-    try:
-        info = json.loads(owner.read_text())
-    except (FileNotFoundError, ValueError):
-        info = None
-    # a lander in this machine's process space is checked by pid; one in another container (shared volume,
-    # advertised host) is simply asked
-    if info and (not info.get("local", True) or _pid_alive(int(info.get("pid", -1)))):
+    info = running_lander(settings)
+    if info is not None:
         headers = {"Content-Type": "application/json"}
         token = read_token(settings.core.data_dir)
         if token:
