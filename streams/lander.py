@@ -260,7 +260,3 @@ def main() -> None:
             bound.cancel()
 
     asyncio.run(run())
-
-
-if __name__ == "__main__":
-    main()

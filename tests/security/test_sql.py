@@ -37,7 +37,7 @@ TIMEOUT_S = 5.0
 
 
 class Lander:
-    """A `python -m streams.lander` process on its own data dir, and an HTTP client for its SQL endpoint."""
+    """A `taoflow lander` process on its own data dir, and an HTTP client for its SQL endpoint."""
 
     def __init__(self, bootstrap: str, root: Path, name: str, **stream: str) -> None:
         self.bootstrap = bootstrap
@@ -50,7 +50,7 @@ class Lander:
                    **{f"TAOFLOW_STREAM_{k.upper()}": v for k, v in stream.items()})  # fmt: skip
         self.log = root / "lander.log"
         with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streams.lander"], env=env, stdout=fh,
+            self.proc = subprocess.Popen([sys.executable, "-m", "taoflow.cli", "lander"], env=env, stdout=fh,
                                          stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         owner = self.data / "lander.json"
         deadline = time.monotonic() + 60

@@ -66,7 +66,7 @@ def test_a_lander_whose_worker_died_while_starting_it_stops_on_its_own(tmp_path:
     env.update(TAOFLOW_DATA_DIR=str(tmp_path), TAOFLOW_KAFKA_BOOTSTRAP="127.0.0.1:9", TAOFLOW_STREAM_STOP_TIMEOUT_S="2",
                _TAOFLOW_LANDER_PARENT=str(dead.pid), PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # fmt: skip
     t0 = time.monotonic()
-    lander = subprocess.Popen([sys.executable, "-m", "streams.lander"], env=env, stdout=subprocess.DEVNULL,
+    lander = subprocess.Popen([sys.executable, "-m", "taoflow.cli", "lander"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         lander.wait(60)
