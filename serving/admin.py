@@ -55,7 +55,7 @@ def routes(gw: Gateway) -> APIRouter:
                 f"adapter {name!r} is neither the canary nor the incumbent", status=404, code="adapter_not_found"
             )
         r.apply_event("rolled_back", name)
-        await gw._apply_decision(Decision("rolled_back", name, "rolled back by an operator (admin API)"))
+        await gw.lifecycle.apply_decision(Decision("rolled_back", name, "rolled back by an operator (admin API)"))
         return JSONResponse({"routing": r.state()})
 
     return router

@@ -1,7 +1,8 @@
 """The gateway's adapter feed refuses what the learner did not publish and keeps going (issue 13).
 
-Records are fed to `Gateway._on_record` as the Kafka feed would; adapters are real directories with the learner's
-own manifest (`learners.lineage.digest_tree`); the backend records what it was asked to load.
+Records are fed to `AdapterLifecycle.on_record` (`serving.lifecycle`) as the Kafka feed would; adapters are real
+directories with the learner's own manifest (`learners.lineage.digest_tree`); the backend records what it was asked
+to load.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def published(name: str, **kw: Any) -> AdapterEvent:
 def gateway(tmp_path: Path, backend: LoadingBackend) -> tuple[Gateway, Producer]:
     settings = Settings(overrides={"core": {"data_dir": tmp_path / "data"}, "kafka": {"bootstrap": "127.0.0.1:9"}})
     gw = Gateway(settings, backend, kafka=False)
-    gw.producer = Producer()
-    return gw, gw.producer
+    gw.lifecycle.producer = Producer()
+    return gw, gw.lifecycle.producer
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def test_a_traversal_name_is_never_joined_onto_the_adapters_dir(tmp_path: Path, 
     outside = publish_adapter(tmp_path, "x")  # a valid-looking adapter two levels above adapters/
     root.mkdir(parents=True)
     raw = published("ok").to_json_bytes().replace(b'"ok"', b'"../../x"')
-    asyncio.run(gw._on_record(rec(raw), live=True))
+    asyncio.run(gw.lifecycle.on_record(rec(raw), live=True))
     assert backend.loads == [] and gw.router.canary is None, f"{outside} must not be loaded"
 
 
@@ -102,7 +103,7 @@ def test_the_events_path_is_ignored_the_adapter_loads_from_adapters_dir_by_name(
     gw, producer = gateway(tmp_path, backend)
     elsewhere = publish_adapter(tmp_path / "attacker", "ad-1", payload=b"evil")
     mine = publish_adapter(root, "ad-1")
-    asyncio.run(gw._on_record(rec(published("ad-1", path=str(elsewhere))), live=True))
+    asyncio.run(gw.lifecycle.on_record(rec(published("ad-1", path=str(elsewhere))), live=True))
     assert backend.loads == [("ad-1", str(mine.resolve()))]
     assert gw.router.canary == "ad-1"
     assert [e["action"] for e in producer.sent] == ["loaded", "canary"]
@@ -113,7 +114,7 @@ def test_corrupted_weights_fail_the_manifest_and_are_rolled_back(tmp_path: Path,
     gw, producer = gateway(tmp_path, backend)
     d = publish_adapter(root, "ad-2")
     (d / "adapter_model.safetensors").write_bytes(b"weightz")  # same size, other bytes
-    asyncio.run(gw._on_record(rec(published("ad-2")), live=True))
+    asyncio.run(gw.lifecycle.on_record(rec(published("ad-2")), live=True))
     assert backend.loads == [] and gw.router.canary is None
     assert producer.sent[-1]["action"] == "rolled_back" and "sha256" in producer.sent[-1]["reason"]
 
@@ -145,10 +146,10 @@ def test_a_loader_crash_is_contained_and_the_feed_goes_on(tmp_path: Path, root: 
     publish_adapter(root, "ad-5")
 
     async def feed() -> None:
-        await gw._on_record(rec(published("ad-5")), live=True)  # the loader raises RuntimeError
-        await gw._on_record(rec(b"not json", 1), live=True)  # and a record that is not an event at all
+        await gw.lifecycle.on_record(rec(published("ad-5")), live=True)  # the loader raises RuntimeError
+        await gw.lifecycle.on_record(rec(b"not json", 1), live=True)  # and a record that is not an event at all
         utility = UtilityEvent(task_type="t", operator="plain@base", utility=0.7, n=3)
-        await gw._on_record(rec(utility, 2), live=True)
+        await gw.lifecycle.on_record(rec(utility, 2), live=True)
 
     asyncio.run(feed())
     assert gw.router.utilities[("t", "plain@base")] == (0.7, 3)  # the later utility still arrived
@@ -165,13 +166,13 @@ def test_after_replay_an_adapter_that_fails_to_load_is_not_routed_to(tmp_path: P
         publish_adapter(root, name)
 
     async def restart() -> None:
-        gw.ready = asyncio.Event()
+        gw.lifecycle.ready = asyncio.Event()
         for i, ev in enumerate([published("ad-6"), AdapterEvent(adapter="ad-6", action="promoted",
                                 base_model="base-model"), published("ad-7"),
                                 AdapterEvent(adapter="ad-7", action="promoted", base_model="base-model")]):  # fmt: skip
-            await gw._on_record(rec(ev, i), live=False)
+            await gw.lifecycle.on_record(rec(ev, i), live=False)
         assert gw.router.incumbent == "ad-7"
-        await gw._catch_up_done()
+        await gw.lifecycle._catch_up_done()
 
     asyncio.run(restart())
     assert gw.router.incumbent == "ad-6" and "ad-6" in backend.adapters  # back to the last one that loads
@@ -191,7 +192,7 @@ def test_files_in_subfolders_are_verified_too(tmp_path: Path, root: Path) -> Non
     (d / "manifest.json").write_text(json.dumps({"adapter": "ad-ref", "sha256": sha, "files": per_file}))
     backend = LoadingBackend()
     gw, _ = gateway(tmp_path, backend)
-    asyncio.run(gw._on_record(rec(published("ad-ref", sha256=sha)), live=True))
+    asyncio.run(gw.lifecycle.on_record(rec(published("ad-ref", sha256=sha)), live=True))
     assert gw.router.canary == "ad-ref"
     # then the file in the subfolder changes, or an unlisted one appears there: refused
     for tamper in ("changed", "extra"):
@@ -206,5 +207,5 @@ def test_files_in_subfolders_are_verified_too(tmp_path: Path, root: Path) -> Non
             (other / "ref" / "unlisted.bin").write_bytes(b"x")
         backend2 = LoadingBackend()
         gw2, producer2 = gateway(tmp_path, backend2)
-        asyncio.run(gw2._on_record(rec(published(other.name)), live=True))
+        asyncio.run(gw2.lifecycle.on_record(rec(published(other.name)), live=True))
         assert backend2.loads == [] and producer2.sent[-1]["action"] == "rolled_back", tamper

@@ -249,9 +249,9 @@ def test_a_restarted_gateway_adopts_the_adapters_vllm_still_has_and_unloads_only
     events = [
         AdapterEvent.model_validate_json(r.value) for r in read_topic(fresh_broker.bootstrap, "taoflow.adapters", 9)
     ]
-    mine = [(e.action, e.adapter) for e in events if e.metadata.get("gateway") == gw2.instance]
+    mine = [(e.action, e.adapter) for e in events if e.metadata.get("gateway") == gw2.lifecycle.instance]
     assert mine == [("rolled_back", "ad-can"), ("unloaded", "ad-can")]
-    rolled = next(e for e in events if e.metadata.get("gateway") == gw2.instance)
+    rolled = next(e for e in events if e.metadata.get("gateway") == gw2.lifecycle.instance)
     assert rolled.reason and "not loadable" not in rolled.reason  # the release test's decision, not a load failure
 
 
