@@ -13,6 +13,16 @@ import pytest
 from taoflow.broker import EmbeddedBroker
 from taoflow.settings import Settings
 
+SCREENSHOTS: list[Path] = []  # pages tests rendered in headless chromium, listed at the end of the run
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The screenshots the browser tests took, in the run's output whether they passed or not."""
+    if SCREENSHOTS:
+        terminalreporter.section("screenshots")
+        for shot in SCREENSHOTS:
+            terminalreporter.write_line(f"{shot} ({shot.stat().st_size if shot.exists() else 0} bytes)")
+
 
 def free_port() -> int:
     with socket.socket() as s:

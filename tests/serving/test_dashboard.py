@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 import serving.dashboard
 from serving.dashboard import build_dashboard_app
 from taoflow.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import SCREENSHOTS, free_port
 
 KEY = "sk-admin-dashboard"
 
@@ -58,7 +58,7 @@ def render(app: FastAPI, out: Path, key: str = KEY) -> tuple[str, str, Path]:
         server.should_exit = True
         thread.join(30)
     (out / "dashboard.html").write_text(run.stdout)
-    print(f"dashboard screenshot: {shot}")
+    SCREENSHOTS.append(shot)  # listed in the run's summary (tests/conftest.py)
     return run.stdout, run.stderr, shot
 
 
