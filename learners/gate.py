@@ -1,10 +1,12 @@
 """The gate's statistics: a held-out split by the underlying question, and a publish decision with error control.
 
 Split. Prompts are grouped by a normal form (lowercase, uuids and hex ids dropped, numbers of `id_digits` or more
-digits replaced by `#`, whitespace collapsed), so "Order 4821: what is 12 + 7?" and "order 977310: What is 12+7 ?"
-are one question. Each round draws its held-out questions afresh (seeded) among those no earlier round trained on,
-and drops from training every prompt whose MinHash similarity (word 3-shingles of the normal form) to a held-out
-prompt reaches the near-duplicate threshold, so nothing near a held-out prompt is trained on.
+digits replaced by `#`, words and symbols separated by single spaces), so "Order 4821: what is 12 + 7?" and
+"order 977310: What is 12+7 ?" are one question. Each round draws its held-out questions afresh (seeded) among those
+no earlier round trained on, per task type (every task type with two questions or more gets at least one, so the
+gate sees a regression in any of them), and drops from training every prompt whose MinHash similarity (word
+3-shingles of the normal form) to a held-out prompt reaches the near-duplicate threshold, so nothing near a held-out
+prompt is trained on.
 
 Decision. The gain is the paired difference of per-prompt held-out rewards (new minus parent, both scored in the
 same call so a ranking judge compares them side by side); its one-sided lower bound comes from a paired
@@ -44,14 +46,16 @@ def normalise(prompt: Any, id_digits: int = 4) -> str:
     """The form prompts are split by: ids and long numbers gone, case and spacing ignored.
 
     >>> normalise("Order 4821: What is 12 +  7?")
-    'order #: what is 12 + 7?'
+    'order # : what is 12 + 7 ?'
+    >>> normalise("order 977310: What is 12+7 ?") == normalise("Order 4821: what is 12 + 7?")
+    True
     >>> normalise("ticket 3f2a9c1e0b7d: refund for 550e8400-e29b-41d4-a716-446655440000", id_digits=1)
     'ticket : refund for'
     """
     text = _UUID.sub(" ", prompt_text(prompt).lower())
     text = _HEX.sub(" ", text)
     text = re.sub(r"\d{%d,}" % id_digits, "#", text)  # noqa: UP031 - a regex quantifier, not a format
-    return " ".join(text.split())
+    return " ".join(_TOKEN.findall(text))  # words and single symbols: spacing around symbols does not count
 
 
 def question_key(prompt: Any, id_digits: int = 4) -> str:
@@ -114,17 +118,32 @@ def split_prompts(
     seed: int,
     id_digits: int = 4,
     near_duplicate: float = 0.7,
+    groups: Sequence[str] | None = None,
 ) -> Split:
     """Draw this round's held-out questions among those never trained on (`trained`: question keys).
 
-    Every prompt of a held-out question is out of training; one of them is evaluated. Training prompts near a
-    held-out one (MinHash at or above `near_duplicate`) are dropped.
+    `groups` (each prompt's task type) stratifies the draw: `fraction` of each group's questions, at least one in
+    a group of two or more (a group of one question stays in training). Every prompt of a held-out question is out
+    of training; one of them is evaluated. Training prompts near a held-out one (MinHash at or above
+    `near_duplicate`) are dropped.
     """
     keys = [question_key(p, id_digits) for p in prompts]
     questions = list(dict.fromkeys(keys))
+    group_of: dict[str, str] = {}
+    for key, group in zip(keys, groups if groups is not None else [""] * len(keys), strict=True):
+        group_of.setdefault(key, group)
+    by_group: dict[str, list[str]] = {}
+    for q in questions:
+        by_group.setdefault(group_of[q], []).append(q)
     eligible = [q for q in questions if q not in trained]
-    want = min(len(eligible), max(1, round(fraction * len(questions)))) if eligible else 0
-    held = set(random.Random(seed).sample(sorted(eligible), want))
+    rng = random.Random(seed)
+    held: set[str] = set()
+    for group in sorted(by_group):
+        qs = by_group[group]
+        pool = sorted(q for q in qs if q not in trained)
+        floor = 1 if len(qs) >= 2 or len(by_group) == 1 else 0
+        want = min(len(pool), max(floor, round(fraction * len(qs))))
+        held |= set(rng.sample(pool, want))
     heldout, seen, dups = [], set(), 0
     for i, q in enumerate(keys):
         if q in held:

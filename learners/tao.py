@@ -354,6 +354,7 @@ class Round:
             seed=self.seed,
             id_digits=self.cfg.heldout_id_digits,
             near_duplicate=self.cfg.heldout_near_duplicate,
+            groups=[p.task_type for p in prompts],
         )
         for i in s.heldout:
             prompts[i].heldout = True

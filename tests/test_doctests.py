@@ -11,7 +11,7 @@ MODULES = [
     "learners.actr", "learners.rewards.composite", "learners.rewards.rules", "learners.rewards.judge",
     "learners.tasks", "learners.tao", "streams.store", "streams.scoring", "serving.router", "serving.backends",
     "taoflow.report", "serving.dashboard", "serving.sessions", "streams.sessions", "serving.upstream", "streams.sqlapi",
-    "taoflow.restart",
+    "taoflow.restart", "learners.gate", "learners.candidates", "learners.lineage",
 ]  # fmt: skip
 
 

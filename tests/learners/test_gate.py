@@ -19,7 +19,7 @@ from learners.tao import Prompt
 
 
 def test_prompts_that_differ_only_by_ids_spacing_or_case_share_a_side() -> None:
-    same = ["Order 4821: What is 12 + 7?", "order 99120:   what is 12 + 7?", "ORDER 5555: What is 12 + 7?"]
+    same = ["Order 4821: What is 12 + 7?", "order 99120:   what is 12+7 ?", "ORDER 5555: What is 12 +7?"]
     others = [f"Order {1000 + i}: What is {i} + {i + 20}?" for i in range(40)]
     assert len({normalise(p) for p in same}) == 1
     for seed in range(5):
@@ -52,6 +52,21 @@ def test_the_heldout_draw_is_fresh_per_round_and_never_takes_a_trained_question(
     for d in draws:
         assert d and all(i >= 30 for i in d)
     assert len({frozenset(d) for d in draws}) > 1, "each round draws its own held-out set"
+
+
+def test_every_task_type_gets_heldout_questions_however_few_it_has() -> None:
+    """Stratified by task type: a task type with a handful of questions among many of another is still gated."""
+    prompts = [f"What is {i} + {i * 3}?" for i in range(95)] + [f"Reverse the letters {c} {c}x" for c in "abcde"]
+    groups = ["math"] * 95 + ["reverse"] * 5
+    for seed in range(20):
+        s = split_prompts(prompts, fraction=0.1, trained=set(), seed=seed, groups=groups)
+        held = [groups[i] for i in s.heldout]
+        assert held.count("reverse") >= 1 and held.count("math") >= 9, held
+        assert any(groups[i] == "reverse" for i in s.train), "one held out of five leaves the rest to train on"
+    # a task type with one question stays in training (nothing would be left of it)
+    s = split_prompts([*prompts[:95], "Reverse the letters a b"], fraction=0.1, trained=set(), seed=0,
+                      groups=[*groups[:95], "reverse"])  # fmt: skip
+    assert 95 in s.train
 
 
 def test_the_gate_refuses_a_per_task_regression_even_when_the_pooled_gain_is_positive() -> None:
