@@ -82,11 +82,11 @@ FULL = {
     "warm_steps": 2000,
     "hidden": 96,
     "layers": 3,
-    "rounds": 1,
-    "steps": 40,
+    "rounds": 2,
+    "steps": 200,
     "k": 8,
     "ks": (2, 4, 8, 16, 32, 64),
-    "ks_seeds": 1,
+    "ks_seeds": 3,
     "passk_eval": 30,
     "eval_samples": 8,
 }
@@ -225,7 +225,8 @@ def sft_arm(out: Path, base: str, train: list[tuple[str, str, str]], cfg: dict[s
     a round's gate would leave to training."""
     from learners.trainers.rft import train_rft
 
-    split = gate.split_prompts([p for _, p, _ in train], fraction=0.2, trained=set(), seed=seed)
+    split = gate.split_prompts([p for _, p, _ in train], fraction=0.2, trained=set(), seed=seed,
+                               groups=[t for t, _, _ in train])  # fmt: skip
     kept = [train[i] for i in split.train]
     settings = learner_settings(out / "unused", base, {**cfg, "steps": steps}, mode="rft", k=2, seed=seed)
     from transformers import AutoTokenizer
