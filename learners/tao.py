@@ -409,6 +409,10 @@ class Round:
             for p, responses in zip(prompts, results, strict=True):
                 for r in responses:
                     new.append((p, {"strategy": strategy, "temperature": temp, "response": r}))
+        # each prompt's candidates next to each other, whatever their strategy and temperature: a ranking judge ranks
+        # the candidates that sit together as one group (the sort is stable: combinations keep their order)
+        where = {p.hash: i for i, p in enumerate(prompts)}
+        new.sort(key=lambda item: where[item[0].hash])
         parts = self.scorer.rule_parts(
             [c["response"] for _, c in new],
             prompts=[p.prompt for p, _ in new],

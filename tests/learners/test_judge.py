@@ -84,3 +84,32 @@ def test_judge_errors_are_clear(judge_url: str, monkeypatch: pytest.MonkeyPatch)
     scorer = build_scorer(LlmJudgeSpec(base_url=judge_url, model="j", api_key_env="WRONG"))
     with pytest.raises(ScorerConfigError, match=r"llm_judge at .* failed: .*401"):
         scorer(["x"], prompts=["p"])
+
+
+def test_a_round_hands_the_judge_each_prompts_candidates_together_across_temperatures(judge_url: str) -> None:
+    """The generate stage samples per (strategy, temperature); scored, a prompt's candidates sit together, so a
+    ranking judge ranks all k of them in one request (not one ranking per temperature, incomparable)."""
+    from types import SimpleNamespace
+
+    from learners.progress import Reporter
+    from learners.rewards.composite import CompositeScorer
+    from learners.tao import Prompt, Round
+
+    class Generator:  # k/2 answers per prompt and temperature, longer at the higher temperature
+        def generate(self, texts: list[str], n: int, temperature: float, **kw: object) -> list[list[str]]:
+            return [[f"{t}-{temperature}-{'x' * (j + int(temperature * 10))}" for j in range(n)] for t in texts]
+
+    spec = LlmJudgeSpec(base_url=judge_url, model="j", api_key_env="JUDGE_KEY", mode="ranking")
+    r = Round.__new__(Round)  # the generate stage's sampling alone
+    r.cfg = SimpleNamespace(strategies=["plain"], temperatures=[0.5, 1.0], max_new_tokens=4)
+    r.render = lambda prompt, strategy: prompt
+    r.scorer = CompositeScorer([build_scorer(spec)])
+    r.reporter = Reporter()
+    prompts = [Prompt(hash=f"h{i}", prompt=f"p{i}", task_type="t", metadata={}) for i in range(2)]
+    out: dict[str, list[dict]] = {p.hash: [] for p in prompts}
+    r._sample(Generator(), prompts, 4, out)
+    assert len(_Judge.calls) == 2  # one ranking per prompt, of its 4 candidates from both temperatures
+    for p in prompts:
+        got = out[p.hash]
+        assert {c["temperature"] for c in got} == {0.5, 1.0} and len(got) == 4
+        assert sorted(c["reward"] for c in got) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
