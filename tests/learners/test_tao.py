@@ -16,6 +16,7 @@ import pytest
 from learners.exceptions import LearnerError
 from learners.progress import STAGES
 from learners.records import RecordSink
+from learners.recovery import recover
 from learners.state import learner_dir, round_lock
 from learners.tao import Round, run_round
 from learners.tasks import arithmetic_prompts
@@ -182,14 +183,22 @@ def test_a_kill_in_any_stage_publishes_nothing_marks_the_round_failed_and_the_ne
         )
         assert on_disk - published <= {f"tao-{running[0]['round_id']}", f".staging-tao-{running[0]['round_id']}"}
 
-        result = run_round(settings)  # settles the killed round first, then runs its own
-        assert result.status == "published", result
+        if point != CHECKPOINTS[-1]:
+            # what the next round does first (run_round, below, after the last and hardest kill: an adapter renamed
+            # into place but not committed); a whole round after each kill would only repeat that round
+            with round_lock(settings):
+                assert recover(settings, RecordSink(settings)) == [killed[-1][0]]
+        else:
+            result = run_round(settings)  # settles the killed round first, then runs its own
+            assert result.status == "published", result
         final = dict(rows(settings, "SELECT round_id, status FROM tao_rounds"))
         assert final[killed[-1][0]] == "failed"
-        assert final[result.round_id] == "published"
-        on_disk = {p.name for p in settings.core.adapters_dir.iterdir()}
+        on_disk = (
+            {p.name for p in settings.core.adapters_dir.iterdir()} if settings.core.adapters_dir.exists() else set()
+        )
         recorded = {r[0] for r in rows(settings, "SELECT adapter FROM adapters")}
         assert on_disk == recorded, "every adapter on disk is recorded, and only those"
+    assert final[result.round_id] == "published" and result.adapter in on_disk
     errors = dict(rows(settings, "SELECT round_id, error FROM tao_rounds WHERE status = 'failed'"))
     for rid, point in killed:
         assert f"interrupted during {point.split(':')[0]}" in errors[rid]
