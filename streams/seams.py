@@ -261,15 +261,15 @@ class Consumer(driver.Consumer):  # type: ignore[misc]
     def _new_offset(self, tp: Any) -> int | None:
         """faust commits the first run of consecutive acked offsets, checking the head only loosely (a one-offset
         hole passes, and with no committed offset known, any hole does). For the lane's inputs, never commit while
-        the record at the commit point (or the seek target) is not acked yet."""
+        the record at the commit point (or the seek target) is not acked yet, nor while neither is known."""
         lane: Lane | None = getattr(self.app, "lane", None)
         acked = self._acked[tp]
         if lane is not None and acked and tp.topic in lane.topics:
             start = self._committed_offset.get(tp)
             if start is None:
                 start = self.seek_targets.get(tp)
-            if start is not None and min(acked) > start:
-                return None
+            if start is None or min(acked) > start:
+                return None  # where the partition starts is unknown (its seek has not run), or not acked yet
         return super()._new_offset(tp)  # type: ignore[no-any-return]
 
 

@@ -128,7 +128,7 @@ async def _rebalance_with_fetch_inside_the_seek(waiting_before_seek: bool) -> Fa
 def _lane_from(consumer: FakeConsumer) -> Lane:
     lane = Lane.__new__(Lane)  # only its continuity check, from the targets the seek left
     lane._next = dict(consumer.seek_targets)
-    lane._holes, lane._reseek, lane._gaps = {}, [], []
+    lane._holes, lane._reseek, lane._gaps, lane._unseeked = {}, [], [], set()
     return lane
 
 
@@ -166,3 +166,33 @@ def test_the_lane_reads_every_record_from_the_targets_after_such_a_seek() -> Non
     lane._next[UNSET] = 0
     assert lane._continuous(_records(UNSET, 2000, 10)) == []
     assert lane._reseek == [(UNSET, 0)]
+
+
+NEW = TP(INTERACTIONS, 2)  # assigned by the rebalance whose seek has not run yet
+
+
+def test_records_of_a_partition_the_last_seek_did_not_cover_are_not_processed() -> None:
+    """Seed 320 of the default-size campaign: faust resumed fetching for a newly assigned partition before that
+    rebalance's seek; the lane took its records from offset 721 (no expected offset), their acks let faust commit
+    past 368..720, and a later owner resumed from that commit: records lost. Now they wait for the seek."""
+    consumer = asyncio.run(_rebalance_with_fetch_inside_the_seek(True))
+    lane = _lane_from(consumer)
+    assert NEW not in lane._next
+    assert lane._continuous(_records(NEW, 721, 20)) == []  # dropped: read again from the seek's target
+    assert lane._continuous(_records(NEW, 741, 5)) == []
+    lane._next[NEW] = 368  # the next epoch's target (the committed offset)
+    assert [m.offset for m in lane._continuous(_records(NEW, 368, 400))] == list(range(368, 768))
+
+
+def test_no_commit_of_a_lane_partition_whose_start_is_unknown() -> None:
+    """faust's own rule would commit the first run of acks (721..740) with no committed offset or seek target
+    known; the commit point could then pass records never processed."""
+    consumer = FakeConsumer([])
+    consumer.app.lane.topics = frozenset({INTERACTIONS})
+    consumer._acked = defaultdict(list, {NEW: list(range(721, 741))})
+    consumer._acked_index = defaultdict(set, {NEW: set(range(721, 741))})
+    consumer._gap = defaultdict(list)
+    consumer._committed_offset = defaultdict(lambda: None)  # as faust keeps it: no commit known for NEW
+    assert Consumer._new_offset(consumer, NEW) is None
+    consumer.seek_targets = {NEW: 721}  # the seek ran and the partition starts there: the run is committable
+    assert Consumer._new_offset(consumer, NEW) == 741
