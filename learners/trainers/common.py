@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,23 @@ def pin_reference(model: Any, parent: Path | None) -> bool:
     if missing:
         raise LearnerError(f"the parent adapter {parent} does not fit the model's LoRA layers: {missing[:3]}")
     return True
+
+
+def fit(trainer_cls: Any, config_cls: Any, cfg: Any, *, model: Any, tokenizer: Any, data: Any, parent: Path | None,
+        device: str, steps: int, seed: int, extra: dict[str, Any], out: Path, progress: Callable[[int], None] | None,
+        prefix: str = "") -> dict[str, float]:  # fmt: skip
+    """Train an offline TRL trainer (SFT, DPO) on `data` for `steps`, a new LoRA unless continuing `parent`; save
+    the adapter to `out` and return the run's metrics (`finish`)."""
+    with tempfile.TemporaryDirectory(prefix="taoflow-train-") as tmp:
+        base = {**common_args(cfg, device, tmp, steps, seed), "per_device_train_batch_size": cfg.batch_prompts,
+                "max_length": 1024, **extra}  # fmt: skip
+        trainer = trainer_cls(
+            model=model,
+            args=trl_config(config_cls, base, cfg.trl),
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=None if parent else lora_config(cfg),
+            callbacks=[Progress(progress)],
+        )
+        quiet(trainer).train()
+        return finish(trainer, out, prefix)

@@ -3,13 +3,12 @@ candidates. No labels: what passed the verifiers is the target. Labeled SFT in t
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from learners.exceptions import LearnerError
-from learners.trainers.common import Progress, common_args, finish, load_model, lora_config, quiet, trl_config
+from learners.trainers.common import fit, load_model
 
 
 def train_rft(
@@ -32,21 +31,6 @@ def train_rft(
         raise LearnerError("no candidate passed the reward threshold: nothing for rejection-sampling fine-tuning")
     model, tokenizer = load_model(base_model, parent, device, dtype)
     data = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
-    with tempfile.TemporaryDirectory(prefix="taoflow-rft-") as tmp:
-        base = {
-            **common_args(cfg, device, tmp, cfg.rft_steps or cfg.steps, seed),
-            "per_device_train_batch_size": cfg.batch_prompts,
-            "max_length": 1024,
-            "completion_only_loss": True,
-        }
-        args = trl_config(SFTConfig, base, cfg.trl)
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=data,
-            processing_class=tokenizer,
-            peft_config=None if parent else lora_config(cfg),
-            callbacks=[Progress(progress)],
-        )
-        quiet(trainer).train()
-        return finish(trainer, out, "rft_")
+    return fit(SFTTrainer, SFTConfig, cfg, model=model, tokenizer=tokenizer, data=data, parent=parent, device=device,
+               steps=cfg.rft_steps or cfg.steps, seed=seed, extra={"completion_only_loss": True}, out=out,
+               progress=progress, prefix="rft_")  # fmt: skip
