@@ -11,8 +11,9 @@ from learners.rewards import CompositeScorer, build_scorer
 from streams import feedback, interactions, rewards, sessions
 from streams.context import WorkerContext
 from streams.lane import Lane
-from streams.outbox import BatchProducer
-from streams.seams import SCHEME, StreamApp, check_registered
+from streams.outbox import BatchProducer, table_rows
+from streams.positions import Fencing, resume_offsets
+from streams.seams import SCHEME, StreamApp, Table, TableManager, check_registered
 from streams.topics import declare
 from taoflow.settings import Settings
 
@@ -61,6 +62,9 @@ def build_app(settings: Settings) -> tuple[StreamApp, WorkerContext]:
         producer_max_batch_size=1024 * 1024,
         autodiscover=False,
         datadir=str(settings.core.data_dir / "faust"),
+        # faust's class-valued settings: tables that recover by epoch, a recovery that begins epochs (streams.seams)
+        Table=Table,
+        TableManager=TableManager,
     )
     app.bootstrap = settings.bootstrap
     app.security = kafka.security_kwargs()
@@ -69,6 +73,8 @@ def build_app(settings: Settings) -> tuple[StreamApp, WorkerContext]:
     schema: Any = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
     table: dict[str, Any] = {"partitions": parts, "schema": schema}
     # use_partitioner: table keys go to the partition their topic key goes to, so batches may mix partitions
+    producer = BatchProducer(settings.bootstrap, kafka.security_kwargs())
+    fencing = Fencing(producer)
     ctx = WorkerContext(
         settings=settings,
         cfg=cfg,
@@ -79,10 +85,15 @@ def build_app(settings: Settings) -> tuple[StreamApp, WorkerContext]:
         pending_feedback=app.Table("pending-feedback", use_partitioner=True, **table),  # type: ignore[arg-type]
         utilities=app.Table("utilities", use_partitioner=True, **table),  # type: ignore[arg-type]
         sessions=app.Table("sessions", use_partitioner=True, **table),  # type: ignore[arg-type]
-        producer=BatchProducer(settings.bootstrap, kafka.security_kwargs()),
+        positions=app.Table("positions", **table),  # type: ignore[arg-type]
+        producer=producer,
         partitions={},
+        epochs=fencing.epochs,
     )
-    for t in (ctx.interactions, ctx.pending_feedback, ctx.utilities, ctx.sessions):
+    app.fencing = fencing
+    positions = ctx.positions
+    app.recovered_positions = lambda tps: resume_offsets(table_rows(positions), tps)
+    for t in (ctx.interactions, ctx.pending_feedback, ctx.utilities, ctx.sessions, ctx.positions):
         ctx.partitions[t.changelog_topic.get_topic_name()] = parts  # faust creates changelogs with `parts`
 
     lane = Lane(app, ctx, {

@@ -35,15 +35,17 @@ class WorkerContext:
     pending_feedback: Any  # faust Table: interaction id -> feedback that arrived before its interaction
     utilities: Any  # faust Table: "task_type/operator" -> {u, n, last_reward, src positions}
     sessions: Any  # faust Table: "caller|session_id" -> steps, session feedback, its reward (`streams.sessions`)
+    positions: Any  # faust Table: "topic/partition" -> {"next": offset processing resumes at} (`streams.positions`)
     producer: BatchProducer
     partitions: dict[str, int]
+    epochs: dict[tuple[str, int], int] = field(default_factory=dict)  # this worker's epoch per changelog partition
     counters: dict[str, int] = field(default_factory=dict)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
     def outbox(self) -> Outbox:
-        return Outbox(self.partitions, self.cfg.max_record_bytes)
+        return Outbox(self.partitions, self.cfg.max_record_bytes, self.epochs)
 
     def parking_refusal(self, waiting_for: str, events: int, size: int) -> str | None:
         """Why feedback cannot wait for `waiting_for` (an interaction, a session's first step) that has not arrived:

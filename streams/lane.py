@@ -157,6 +157,10 @@ class Lane:
                 out = self.ctx.outbox()
                 for topic, messages in by_topic.items():
                     self.processors[topic](self.ctx, out, messages)
+                # the positions these records take their partitions to, after everything they caused (`Outbox`)
+                positions = self.ctx.positions
+                for tp in {m.tp for m in live}:
+                    out.put_position(positions, tp.topic, tp.partition, self._next[tp])
                 await self._sending.put((out, live))
         except asyncio.CancelledError:
             # the worker is stopping: let what is processed go out (its records are acked only after it has)

@@ -19,6 +19,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from streams.exceptions import OversizeRecord
+from streams.positions import epoch_header, marker_key, position_key
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -54,17 +55,27 @@ def _table_parts(table: Any) -> tuple[str, Any, Any]:
 _TABLES: dict[int, tuple[Any, str, Any, Any]] = {}
 
 
-class Outbox:
-    """Messages grouped by topic, in order; tables are written through it too (see `put_table`)."""
+Queued = list[tuple[bytes | None, bytes | None, int | None]]  # (key, value, partition) per topic, in order
 
-    def __init__(self, partitions: dict[str, int], max_record_bytes: int = 1_000_000) -> None:
+
+class Outbox:
+    """Messages grouped by topic, in order; tables are written through it too (see `put_table`), and the input
+    positions the batch processed through (see `put_position`).
+
+    Three stages, sent in this order and each acknowledged before the next (`BatchProducer.send`): outputs, table
+    changelogs, positions. If the worker dies in between, the recovered position does not yet cover this batch, so its
+    replay recomputes the same outputs and table changes (same source positions, which every reader de-duplicates)
+    instead of skipping them."""
+
+    def __init__(self, partitions: dict[str, int], max_record_bytes: int = 1_000_000,
+                 epochs: dict[tuple[str, int], int] | None = None) -> None:  # fmt: skip
         self.partitions = partitions  # known partition counts (the tables' changelogs)
         self.max_record_bytes = max_record_bytes
-        self.msgs: dict[str, list[tuple[bytes | None, bytes | None, int | None]]] = defaultdict(list)
-        # table changelog records go out only after every other output is acknowledged: if the worker dies
-        # in between, the recovered tables do not yet know this batch, so its replay recomputes the same
-        # outputs (same source positions, which downstream de-duplicates) instead of skipping them
-        self.table_msgs: dict[str, list[tuple[bytes | None, bytes | None, int | None]]] = defaultdict(list)
+        # this worker's epoch per changelog partition (`streams.positions`); the dict is shared and read at send time
+        self.epochs = epochs if epochs is not None else {}
+        self.msgs: dict[str, Queued] = defaultdict(list)
+        self.table_msgs: dict[str, Queued] = defaultdict(list)
+        self.position_msgs: dict[str, Queued] = defaultdict(list)
 
     def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         """Queue a message; without `partition`, the key's default partition (round robin without a key).
@@ -91,40 +102,48 @@ class Outbox:
             for topic, msgs in queued.items():
                 del msgs[at.get(topic, 0) :]
 
-    def put_table(self, table: Any, key: str, value: dict[str, Any] | None) -> None:
+    def put_table(self, table: Any, key: str, value: dict[str, Any] | None, partition: int | None = None,
+                  _stage: str = "tables") -> None:  # fmt: skip
         """Set (or with None, delete) a faust table key and queue its changelog record in this batch.
 
         The record has the wire form faust reads back (JSON key, as faust's Table uses for `str` keys; JSON
         value; a tombstone to delete), so faust's changelog recovery rebuilds the table as usual. It goes to
-        the partition of the key's *input* topic (murmur2 of the raw key), so a worker that owns input
-        partition p recovers exactly the state of p's keys. The in-memory store is updated directly.
+        the partition of the key's *input* topic (murmur2 of the raw key; or `partition`), so a worker that owns
+        input partition p recovers exactly the state of p's keys. The in-memory store is updated directly.
         """
         topic, rows, key_partition = _table_parts(table)
-        part = partition_for(key.encode(), self.partitions[topic])
+        part = partition_for(key.encode(), self.partitions[topic]) if partition is None else partition
+        queue = (self.table_msgs if _stage == "tables" else self.position_msgs)[topic]
         if value is None:
             rows.pop(key, None)
-            self.table_msgs[topic].append((orjson.dumps(key), None, part))
+            queue.append((orjson.dumps(key), None, part))
         else:
             raw_key, raw = orjson.dumps(key), orjson.dumps(value)
             self._check_size(topic, raw_key, raw)  # before the row changes: a refused state leaves the table as it was
             rows[key] = value
-            self.table_msgs[topic].append((raw_key, raw, part))
+            queue.append((raw_key, raw, part))
         if key_partition is not None:
             key_partition[key] = part
+
+    def put_position(self, table: Any, topic: str, partition: int, next_offset: int) -> None:
+        """Record that input partition `topic`/`partition` is processed through `next_offset - 1` (see
+        `streams.positions`): the last stage of this Outbox, on the changelog partition of that input partition."""
+        self.put_table(table, position_key(topic, partition), {"next": next_offset}, partition, _stage="positions")
 
     @classmethod
     def merge(cls, outboxes: list[Outbox]) -> Outbox:
         """One Outbox with the messages of several, in their order (per topic, and per changelog topic)."""
-        merged = cls(outboxes[0].partitions)
+        first = outboxes[0]
+        merged = cls(first.partitions, first.max_record_bytes, first.epochs)
         for box in outboxes:
-            for topic, msgs in box.msgs.items():
-                merged.msgs[topic].extend(msgs)
-            for topic, msgs in box.table_msgs.items():
-                merged.table_msgs[topic].extend(msgs)
+            for mine, theirs in ((merged.msgs, box.msgs), (merged.table_msgs, box.table_msgs),
+                                 (merged.position_msgs, box.position_msgs)):  # fmt: skip
+                for topic, msgs in theirs.items():
+                    mine[topic].extend(msgs)
         return merged
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.msgs.values()) + sum(len(v) for v in self.table_msgs.values())
+        return sum(len(v) for q in (self.msgs, self.table_msgs, self.position_msgs) for v in q.values())
 
 
 class BatchProducer:
@@ -151,11 +170,25 @@ class BatchProducer:
         return self._producer
 
     async def send(self, outbox: Outbox) -> None:
-        """Outputs first, acknowledged; then the table changelog (see Outbox.table_msgs)."""
+        """Outputs, then table changelogs, then positions, each acknowledged before the next (see `Outbox`).
+        Changelog records carry this worker's epoch on their partition (`streams.positions`)."""
         await self._send(outbox.msgs)
-        await self._send(outbox.table_msgs)
+        await self._send(outbox.table_msgs, outbox.epochs)
+        await self._send(outbox.position_msgs, outbox.epochs)
 
-    async def _send(self, messages: dict[str, list[tuple[bytes | None, bytes | None, int | None]]]) -> None:
+    async def write_markers(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Append an epoch marker to each changelog partition; each one's offset is the new epoch there."""
+        producer = await self._get()
+        futures = []
+        for topic, part in partitions:
+            batch = producer.create_batch()
+            batch.append(key=marker_key(), value=b"", timestamp=None)
+            batch.close()
+            futures.append(await producer.send_batch(batch, topic, partition=part))
+        sent = await asyncio.gather(*futures)
+        return {tp: meta.offset for tp, meta in zip(partitions, sent, strict=True)}
+
+    async def _send(self, messages: dict[str, Queued], epochs: dict[tuple[str, int], int] | None = None) -> None:
         if not messages:
             return
         producer = await self._get()
@@ -170,13 +203,14 @@ class BatchProducer:
                 by_partition[(topic, part)].append((key, value))
         futures = []
         for (topic, part), records in by_partition.items():
+            headers = epoch_header(epochs.get((topic, part))) if epochs is not None else []
             batch = producer.create_batch()
             for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                     batch.close()
                     futures.append(await producer.send_batch(batch, topic, partition=part))
                     batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
+                    batch.append(key=key, value=value, timestamp=None, headers=headers)
             batch.close()
             futures.append(await producer.send_batch(batch, topic, partition=part))
         await asyncio.gather(*futures)

@@ -12,11 +12,14 @@ What is specialised, and why:
 - `Consumer._drain_messages`: faust's fetch loop delivers each record on its own through a conductor, a channel and a
   stream (most of the worker's time, by py-spy). For the lane's topics (`streams.lane`) it hands each fetch's records
   to the lane as one list; other topics (none today) keep faust's path.
-- `Consumer.perform_seek` / `seek` / `getmany`: the targets a rebalance seeks to are fixed before the seek awaits the
-  broker, each rebalance has a seek epoch (a fetch issued in an older epoch is dropped and read again), a partition
-  with no committed offset is read from its beginning, and a record past the next expected offset of a contiguous
-  input (a stale fetch after a seek) is not taken as a gap: the partition is read again from where it should be.
+- `Consumer.perform_seek`: each input partition resumes at the position recovered with the tables
+  (`streams.positions`), not at Kafka's committed offset; the targets are fixed before the seek awaits the broker, and
+  each rebalance has a seek epoch (a fetch issued in an older epoch is dropped and read again).
+- `Consumer.on_partitions_assigned`: a worker back under a new member id (it was out of the group) drops its tables
+  and recovers them whole, so nothing it wrote as a zombie survives in its memory.
 - `Consumer._new_offset`: faust would commit past a hole in the acks of a lane topic's head; never past one.
+- `Table.apply_changelog_batch`, `Recovery._build_highwaters` (through `TableManager`, the App's class-valued
+  `TableManager` and `Table` settings): epochs on the changelogs, so a replaced owner's late writes are never recovered.
 - `ConsumerThread.highwaters`: the embedded broker under-reports ListOffsets(latest) after batched writes, and faust
   sizes table recovery by it; the high watermark fetch responses carry is taken instead (the two agree on Kafka).
 - `ConsumerThread._create_worker_consumer`: faust hard-codes a 1.5 s fetch wait, seen directly as latency on every
@@ -30,12 +33,13 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 import faust
+from faust.tables.manager import TableManager as FaustTableManager
+from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport.drivers import aiokafka as driver
 
 from schemas.topics import COMPACTED_TOPICS
@@ -48,7 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEME = "taoflow"  # the broker URL scheme faust resolves to `Transport` (entry point group `faust.transports`)
-RESYNC_WAIT_S = 5.0  # how long a re-seek may take to bring the expected offset before it is tried again
 
 
 def check_registered() -> None:
@@ -62,6 +65,8 @@ class StreamApp(faust.App):  # type: ignore[misc]
     """faust's App with what this module's consumer reads: the lane, the fetch wait, the probe's connection."""
 
     lane: Lane | None = None
+    fencing: Any = None  # streams.positions.Fencing
+    recovered_positions: Any = None  # (input TPs) -> {tp: offset} recovered with the tables
     fetch_wait_ms: int | None = None
     bootstrap: str = ""
     security: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance, never mutated
@@ -95,8 +100,9 @@ class Consumer(driver.Consumer):  # type: ignore[misc]
 
     Position bookkeeping, all on this object:
     - `seek_epoch` counts the rebalances' seeks; a fetch issued in an older epoch may be stale and is read again.
-    - `seek_targets` is where each partition reads from after the last rebalance (the lane's continuity starts there).
-    - `_expected` is the next offset the fetch loop expects per partition (a record past it is a stale fetch).
+    - `seek_targets` is where each input partition resumes after the last rebalance: its recovered position. The
+      lane's continuity check (`streams.lane.Lane._continuous`) starts there and is the one judge, record by record,
+      of what is processed next; nothing here filters the lane's records by offset.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -106,9 +112,6 @@ class Consumer(driver.Consumer):  # type: ignore[misc]
     def _reset_positions(self) -> None:
         self.seek_epoch = 0
         self.seek_targets: dict[Any, int] = {}
-        self._expected: dict[Any, int] = {}
-        self._resync: dict[Any, float] = {}
-        self._tries: dict[tuple[Any, int], int] = {}
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -118,77 +121,54 @@ class Consumer(driver.Consumer):  # type: ignore[misc]
         return bool(self.app.topics.acks_enabled_for(topic)) and topic not in COMPACTED_TOPICS
 
     async def perform_seek(self) -> None:
+        """Seek every input partition to its recovered position (`streams.positions`): the one place where a partition
+        resumes. faust's own seek (to the committed offsets) runs first; Kafka's committed offset counts only for a
+        partition with no position yet (a new deployment), and with neither, the partition is read from its beginning.
+
+        Everything is settled before the first await: faust's recovery resumes the flow before this seek, so a fetch
+        can complete inside any await below. A fetch issued before the seek epoch moved is dropped by the fetch loop
+        and the lane (and read again from these targets)."""
         await super().perform_seek()
-        # Everything that depends on the committed offsets just read is settled before the next await: faust's
-        # recovery resumes the flow before this seek, so a fetch can complete inside any await below, and the fetch
-        # loop would then move `_read_offset` to the last *fetched* offset. Snapshotting the targets after such an
-        # await made the lane adopt that fetched offset as "processing resumes at", and everything below it was
-        # skipped as already processed when the (dropped) batch was read again.
-        #
-        # aiokafka's `seek_to_committed` leaves a partition with no committed offset (or 0) where its position is.
-        # After a fetch that faust discarded (flow stopped or a new generation mid-fetch, a stale epoch), that
-        # position is past records nobody processed: a worker that took such a partition over began after them.
-        # Those partitions are read from their beginning (target 0; a log start past 0, from retention, is a real
-        # hole the lane's continuity check accepts after its re-reads).
-        unset = [tp for tp in self.assignment() if self._guarded(tp.topic) and not self._read_offset.get(tp)]
-        for tp in unset:
-            self._read_offset[tp] = None
-        targets = {tp: o for tp, o in self._read_offset.items() if o is not None}
-        targets.update((tp, 0) for tp in unset)
-        self.seek_targets = targets  # where each partition now reads from, for the lane's continuity check
+        app = self.app
+        guarded = [tp for tp in self.assignment() if self._guarded(tp.topic)]
+        recover = getattr(app, "recovered_positions", None)
+        recovered = recover(guarded) if recover is not None else {}
+        targets: dict[Any, int] = {}
+        moves: list[tuple[Any, int]] = []
+        fallback: list[str] = []
+        for tp in guarded:
+            committed = self._read_offset.get(tp)
+            target = recovered.get(tp)
+            if target is None:
+                target = committed or 0
+                fallback.append(f"{tp.topic}/{tp.partition}@{target}")
+            targets[tp] = target
+            if target != committed:
+                moves.append((tp, target))
+            self._read_offset[tp] = target
+            # faust commits a run of acked offsets from its commit point: for an input partition that is the position
+            # processing resumes at (Kafka's committed offset only follows it, for lag)
+            self._committed_offset[tp] = target
+        self.seek_targets = targets  # where each partition now reads from: the lane's continuity starts there
         self.seek_epoch += 1  # a fetch completing from here on, issued before the seek, is dropped as stale
-        for tp, offset in targets.items():
-            self._expected[tp] = offset
-            self._resync.pop(tp, None)
-        if unset:
-            await self._thread.seek_to_beginning(*(driver.ensure_aiokafka_TP(tp) for tp in unset))
-            log.info("no committed offset: reading %s from the beginning",
-                     ", ".join(f"{tp.topic}/{tp.partition}" for tp in unset))  # fmt: skip
+        if fallback:
+            log.info("no recovered position (committed offset, or the beginning): %s", ", ".join(sorted(fallback)))
+        for tp, offset in moves:
+            await self._seek(tp, offset)
 
-    async def seek(self, partition: Any, offset: int) -> None:
-        await super().seek(partition, offset)
-        self._expected[partition] = offset
-
-    async def getmany(self, timeout: float) -> Any:
-        """faust's fetch, keeping each contiguous input partition in order.
-
-        faust hands aiokafka fetches across threads. A batch fetched just before a rebalance can arrive after faust
-        has sought its partitions back to their committed offsets; its first record then sits past the read offset,
-        and faust would take the jump for a legitimate gap (as on compacted or transactional topics), commit past it
-        and drop the re-fetched copies as already read. Here a record past the next expected offset is stale: it is
-        dropped and the partition re-sought to the expected offset, so the records come again in order. If the jump
-        persists through two re-seeks (`RESYNC_WAIT_S` apart), the offsets really do not exist (deleted by
-        retention, say): the jump is accepted, with a warning.
-        """
-        expected, resync, tries = self._expected, self._resync, self._tries
-        async for tp, message in super().getmany(timeout):
-            off = message.offset
-            exp = expected.get(tp)
-            if exp is None or off == exp or not self._guarded(message.topic):
-                expected[tp] = off + 1
-                resync.pop(tp, None)
-                tries.pop((tp, off), None)
-                yield tp, message
-                continue
-            if off < exp:
-                yield tp, message  # a re-delivery faust already read: it drops it itself
-                continue
-            now = time.monotonic()
-            started = resync.get(tp)
-            if started is not None and now - started < RESYNC_WAIT_S:
-                continue  # the rest of a stale batch; the re-seek brings these again
-            n = tries.get((tp, exp), 0)
-            if n >= 2:
-                log.warning("%s: offsets %d..%d do not exist (re-read twice); going on from %d", tp, exp, off - 1, off)
-                expected[tp] = off + 1
-                resync.pop(tp, None)
-                tries.pop((tp, exp), None)
-                yield tp, message
-                continue
-            tries[(tp, exp)] = n + 1
-            resync[tp] = now
-            log.warning("%s: got offset %d where %d was next (a stale fetch); re-reading from %d", tp, off, exp, exp)
-            await self.seek(tp, exp)
+    async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        """A worker that comes back under a new member id was out of the group (paused past the session timeout, cut
+        off): what it wrote meanwhile, as a zombie, may be in its tables but not in what the new owners recovered
+        (`streams.positions`). It drops its tables and rebuilds them from the changelogs before recovery starts."""
+        fencing = getattr(self.app, "fencing", None)
+        if fencing is not None:
+            coordinator = getattr(getattr(self._thread, "_consumer", None), "_coordinator", None)
+            member = getattr(coordinator, "member_id", None)
+            if fencing.rejoined(member):
+                log.warning("this worker rejoined the group as a new member (it was paused or cut off): its tables "
+                            "are dropped and recovered from the changelogs")  # fmt: skip
+                fencing.drop_state(self.app)
+        await super().on_partitions_assigned(assigned, generation_id)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - runs in the worker
         """faust's fetch loop, handing each fetch's records of a lane topic to the lane as one list, keeping faust's
@@ -208,42 +188,39 @@ class Consumer(driver.Consumer):  # type: ignore[misc]
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 batches: dict[str, list[Any]] = {}
-                read: dict[Any, int] = {}  # lane records' read offsets, applied once the fetch proves current
+                fetched: set[Any] = set()  # the lane's partitions this fetch brought records of
                 await self.sleep(0)
                 if self.should_stop:
                     break
                 epoch = self.seek_epoch
                 async for tp, message in getmany(timeout=1.0):
+                    if message.topic in lane_topics:
+                        # taken whole: which of them are processed is the lane's continuity check's decision alone
+                        batches.setdefault(message.topic, []).append(message)
+                        fetched.add(tp)
+                        continue
                     offset = message.offset
-                    r_offset = read.get(tp, get_read_offset(tp))
+                    r_offset = get_read_offset(tp)
                     if r_offset is not None and offset < r_offset:
                         continue  # already read (a re-delivery after a seek)
                     gap = offset - (r_offset or 0)
-                    if message.topic in lane_topics:
-                        # no gap accounting here: the lane's inputs have contiguous offsets, so a jump is a hole the
-                        # lane's continuity check re-reads (faust's gap would let the commit pass over it)
-                        if gap > 1 and r_offset:
-                            log.warning("%s: fetch jumped from %d to %d", tp, r_offset, offset)
-                        batches.setdefault(message.topic, []).append(message)
-                        read[tp] = offset
-                        continue
                     if gap > 1 and r_offset and acks_enabled_for(message.topic):
                         await self._add_gap(tp, r_offset + 1, offset)
                     await self.wait_first(callback(message), self.suspend_flow.wait())
                     set_read_offset(tp, offset)
                 if epoch != self.seek_epoch:
-                    # every partition was sought back to its committed offset (a rebalance) while this fetch was in
-                    # flight: its records may be from before that seek, or the first ones after it. Either way they
-                    # are read again from that committed offset (the consumer's position has moved past them)
+                    # every input partition was sought to its recovered position (a rebalance) while this fetch was in
+                    # flight: its records may be from before that seek, or the first ones after it. Either way the
+                    # lane drops them (fetched in an older epoch) and they are read again from that position (the
+                    # consumer's position may have moved past them)
                     assigned = self.assignment()
-                    for tp in read:
-                        if tp in assigned:
-                            log.info("%s/%d: fetch from before seek epoch %d dropped; reading again from %s",
-                                     tp.topic, tp.partition, self.seek_epoch, get_read_offset(tp))  # fmt: skip
-                            await self.seek(tp, get_read_offset(tp) or 0)
+                    for tp in fetched:
+                        target = self.seek_targets.get(tp)
+                        if tp in assigned and target is not None:
+                            log.info("%s/%d: fetch from before seek epoch %d dropped; reading again from %d",
+                                     tp.topic, tp.partition, self.seek_epoch, target)  # fmt: skip
+                            await self._seek(tp, target)
                     continue
-                for tp, offset in read.items():
-                    set_read_offset(tp, offset)
                 for topic, messages in batches.items():
                     await self.wait_first(lane.put(topic, messages, epoch), self.suspend_flow.wait())
                 if self._n_acked >= (self._commit_every or float("inf")):
@@ -261,16 +238,49 @@ class Consumer(driver.Consumer):  # type: ignore[misc]
     def _new_offset(self, tp: Any) -> int | None:
         """faust commits the first run of consecutive acked offsets, checking the head only loosely (a one-offset
         hole passes, and with no committed offset known, any hole does). For the lane's inputs, never commit while
-        the record at the commit point (or the seek target) is not acked yet, nor while neither is known."""
+        the record at the commit point (set to the recovered position by `perform_seek`) is not acked yet, nor before
+        that seek. The commit serves lag monitoring: where a partition resumes is its recovered position."""
         lane: Lane | None = getattr(self.app, "lane", None)
         acked = self._acked[tp]
         if lane is not None and acked and tp.topic in lane.topics:
             start = self._committed_offset.get(tp)
-            if start is None:
-                start = self.seek_targets.get(tp)
             if start is None or min(acked) > start:
                 return None  # where the partition starts is unknown (its seek has not run), or not acked yet
         return super()._new_offset(tp)  # type: ignore[no-any-return]
+
+
+class Table(faust.Table):  # type: ignore[misc]
+    """faust's Table, applying from its changelog only the records of the partition's current epoch and later
+    (`streams.positions.EpochFilter`): in recovery and in standby replication alike."""
+
+    def apply_changelog_batch(self, batch: Any) -> None:
+        fencing = getattr(self.app, "fencing", None)
+        if fencing is not None:
+            keep = fencing.filter.keep
+            batch = [e for e in batch
+                     if keep(e.message.tp, e.message.offset, e.message.key, e.message.headers)]  # fmt: skip
+        super().apply_changelog_batch(batch)
+
+
+class Recovery(FaustRecovery):  # type: ignore[misc]
+    """faust's table recovery; before it sizes the active changelog partitions to read, this worker appends its epoch
+    marker to each, so what it recovers includes everything written before its epoch began (`streams.positions`)."""
+
+    async def _build_highwaters(self, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        fencing = getattr(self.app, "fencing", None)
+        if fencing is not None and title == "active":
+            await fencing.begin_epochs(tps)
+        await super()._build_highwaters(consumer, tps, destination, title)
+
+
+class TableManager(FaustTableManager):  # type: ignore[misc]
+    """faust's table manager with this module's `Recovery`."""
+
+    @property
+    def recovery(self) -> FaustRecovery:
+        if self._recovery is None:
+            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
 
 
 class Transport(driver.Transport):  # type: ignore[misc]

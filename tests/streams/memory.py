@@ -58,7 +58,10 @@ class Worker:
         settings = Settings(overrides={"core": {"data_dir": tmp_path},
                                        "stream": {"scorers": json.loads(SCORERS), **stream}})  # fmt: skip
         cfg = settings.stream
-        tables = {name: MemoryTable(name) for name in ("interaction-join", "pending-feedback", "utilities", "sessions")}
+        tables = {
+            name: MemoryTable(name)
+            for name in ("interaction-join", "pending-feedback", "utilities", "sessions", "positions")
+        }
         topic_names = {
             "interactions": names.INTERACTIONS,
             "feedback": names.FEEDBACK,
@@ -75,7 +78,8 @@ class Worker:
             scorer=CompositeScorer([build_scorer(s) for s in cfg.scorers], cfg.feedback_weights),
             topics=Topics(**{k: Named(v) for k, v in topic_names.items()}),  # type: ignore[arg-type]
             interactions=tables["interaction-join"], pending_feedback=tables["pending-feedback"],
-            utilities=tables["utilities"], sessions=tables["sessions"], producer=None,  # type: ignore[arg-type]
+            utilities=tables["utilities"], sessions=tables["sessions"], positions=tables["positions"],
+            producer=None,  # type: ignore[arg-type]
             partitions={t.changelog_topic.get_topic_name(): 4 for t in tables.values()},
         )  # fmt: skip
         self.processors = {names.INTERACTIONS: interactions.process_batch, names.FEEDBACK: feedback.process_batch,

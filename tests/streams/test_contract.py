@@ -74,17 +74,43 @@ def test_every_specialisation_overrides_a_faust_method_of_the_same_shape() -> No
 
     from streams import seams
 
+    import faust
+    from faust.tables.manager import TableManager
+    from faust.tables.recovery import Recovery
+
     for ours, theirs in ((seams.Consumer, driver.Consumer), (seams.ConsumerThread, driver.AIOKafkaConsumerThread),
-                         (seams.Transport, driver.Transport)):  # fmt: skip
+                         (seams.Transport, driver.Transport), (seams.Table, faust.Table), (seams.Recovery, Recovery),
+                         (seams.TableManager, TableManager)):  # fmt: skip
         for name, fn in vars(ours).items():
             if not callable(fn) or name.startswith("__") or name in {"_reset_positions", "_guarded"}:
                 continue
             parent = getattr(theirs, name, None)
             assert parent is not None, f"{theirs.__name__}.{name} is gone: seams.{ours.__name__}.{name} overrides none"
+            if isinstance(fn, property):
+                assert isinstance(parent, property), f"{theirs.__name__}.{name} is no longer a property"
+                continue
             if inspect.isfunction(fn) and inspect.isfunction(parent):
                 assert _params(fn) == _params(parent) or name == "highwaters", (
                     f"{theirs.__name__}.{name}{inspect.signature(parent)} changed"
                 )
+
+
+def test_faust_recovery_and_stores_have_what_the_epochs_use() -> None:
+    """`streams.positions` and the table seams: recovery's offsets, the manager's recovery slot, the memory store's key
+    partitions, recovery calling `_build_highwaters` with the title, and aiokafka's member id."""
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+    from faust.stores.memory import Store
+    from faust.tables.manager import TableManager
+    from faust.tables.recovery import Recovery
+
+    assert _params(Recovery._build_highwaters) == ["self", "consumer", "tps", "destination", "title"]
+    assert '"active"' in inspect.getsource(Recovery), "recovery no longer names its active highwaters"
+    for attr in ("active_offsets", "standby_offsets"):
+        assert f"self.{attr}" in inspect.getsource(Recovery), f"faust Recovery no longer keeps {attr}"
+    assert "self._recovery" in inspect.getsource(TableManager), "faust TableManager no longer keeps _recovery"
+    assert "_key_partition" in inspect.getsource(Store), "faust's memory store no longer tracks key partitions"
+    assert "self.member_id" in inspect.getsource(GroupCoordinator), "aiokafka's coordinator no longer has member_id"
+    assert "headers" in inspect.getsource(__import__("faust").types.tuples.Message), "faust messages lost headers"
 
 
 def test_the_taoflow_scheme_selects_taoflows_transport_and_nothing_else_changes(tmp_path: Path) -> None:
@@ -100,6 +126,9 @@ def test_the_taoflow_scheme_selects_taoflows_transport_and_nothing_else_changes(
     app, _ = build_app(Settings(overrides={"core": {"data_dir": tmp_path}}))  # all the worker does before connecting
     assert isinstance(app, seams.StreamApp) and app.lane is not None
     assert app.transport.Consumer is seams.Consumer
+    # the class-valued settings: every table recovers by epoch, through this module's recovery
+    assert app.tables and all(isinstance(t, seams.Table) for t in app.tables.values())
+    assert isinstance(app.tables, seams.TableManager) and isinstance(app.tables.recovery, seams.Recovery)
     assert by_url(f"{seams.SCHEME}://localhost:9092") is seams.Transport
     assert by_url("kafka://localhost:9092") is driver.Transport
     assert driver.Transport.Consumer is driver.Consumer

@@ -1,12 +1,13 @@
-"""The rebalance seek against a fetch that completes inside it: broker-free, deterministic, milliseconds.
+"""Where a partition resumes after a rebalance, against a fetch that completes inside the seek: broker-free,
+deterministic, milliseconds.
 
-faust's recovery resumes the flow before `perform_seek`, so a fetch issued before the seek can complete while the
-seek awaits the broker (here: `seek_to_beginning` for a partition with no committed offset). The worker's real
-`perform_seek` and fetch loop (`streams.seams.Consumer`, over faust's own `perform_seek`) run on a consumer whose
-broker side is faked, with the fetch forced to land inside that await. Before the
-fix, the loop moved the read offset to the last *fetched* offset, the seek snapshotted it as "processing resumes
-at", and the lane then skipped everything below it as processed (the takeover test's lost records:
-last commit 1704 + a 2000-record fetch - 1 = 3703).
+Each input partition resumes at the position recovered with the tables (`streams.positions`); Kafka's committed offset
+counts only for a partition with no position. faust's recovery resumes the flow before `perform_seek`, so a fetch
+issued before the seek can complete while the seek awaits the broker. The worker's real `perform_seek` and fetch loop
+(`streams.seams.Consumer`, over faust's own `perform_seek`) run on a consumer whose broker side is faked, with the
+fetch forced to land inside that await. An earlier version snapshotted the targets after such an await and took the
+last *fetched* offset for "processing resumes at"; the lane then skipped everything below it as processed (the
+takeover test's lost records: last commit 1704 + a 2000-record fetch - 1 = 3703).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from streams.lane import Lane
 from streams.seams import Consumer
 
 INTERACTIONS = "taoflow.interactions"
-COMMITTED = TP(INTERACTIONS, 0)  # the killed worker committed 1704 on this partition
-UNSET = TP(INTERACTIONS, 1)  # and never committed on this one: the seek sends it to its beginning
+COMMITTED = TP(INTERACTIONS, 0)  # the killed worker committed 1704 on this partition, and its position is 1704 too
+UNSET = TP(INTERACTIONS, 1)  # neither a commit nor a position: the seek sends it to its beginning
+AHEAD = TP(INTERACTIONS, 3)  # committed 500 (commits lag), position 900: processing resumes at 900
+BOGUS = TP(INTERACTIONS, 4)  # someone committed 10_000 by hand (a wrong commit): position 40 wins, nothing skipped
 
 
 class _Message(SimpleNamespace):
@@ -56,7 +59,9 @@ class FakeConsumer(Consumer):
 
     def __init__(self, in_flight: list[_Message]) -> None:  # no super().__init__: no faust service, no thread
         self._reset_positions()
-        self.app = SimpleNamespace(lane=_Lane(), topics=SimpleNamespace(acks_enabled_for=lambda t: True))
+        positions = {COMMITTED: 1704, AHEAD: 900, BOGUS: 40}  # as recovered with the tables
+        self.app = SimpleNamespace(lane=_Lane(), topics=SimpleNamespace(acks_enabled_for=lambda t: True),
+                                   recovered_positions=lambda tps: {tp: positions[tp] for tp in tps if tp in positions})
         self.transport = SimpleNamespace(app=SimpleNamespace(should_stop=False))
         self._read_offset: dict[TP, int | None] = defaultdict(lambda: None)
         self._read_offset.update({COMMITTED: 1000, UNSET: None})  # before the rebalance
@@ -73,21 +78,19 @@ class FakeConsumer(Consumer):
         self.fetch_done = asyncio.Event()  # the fetch loop has handled it
         self.fetching = asyncio.Event()  # the fetch loop waits for the in-flight fetch
         self.in_flight = in_flight
-        self._thread = SimpleNamespace(seek_to_beginning=self._seek_to_beginning)
 
     def assignment(self) -> set[TP]:
-        return {COMMITTED, UNSET}
+        return {COMMITTED, UNSET, AHEAD, BOGUS}
 
     async def seek_to_committed(self) -> dict[TP, int]:
-        return {COMMITTED: 1704, UNSET: -1}
-
-    async def _seek_to_beginning(self, *tps: Any) -> None:
-        # the broker round trip during which the in-flight fetch completes
-        self.fetch_ready.set()
-        await self.fetch_done.wait()
+        return {COMMITTED: 1704, UNSET: -1, AHEAD: 500, BOGUS: 10_000}
 
     async def _seek(self, tp: TP, offset: int) -> None:
         self.sought.append((tp, offset))
+        if not self.fetch_ready.is_set():
+            # the first seek's broker round trip: the in-flight fetch completes during it
+            self.fetch_ready.set()
+            await self.fetch_done.wait()
 
     async def sleep(self, s: float) -> None:
         await asyncio.sleep(s)
@@ -133,23 +136,27 @@ def _lane_from(consumer: FakeConsumer) -> Lane:
 
 
 @pytest.mark.parametrize("waiting_before_seek", [True, False], ids=["fetch-issued-before-seek", "fetch-during-seek"])
-def test_seek_targets_are_the_committed_offsets_even_when_a_fetch_lands_inside_the_seek(
+def test_partitions_resume_at_their_recovered_positions_even_when_a_fetch_lands_inside_the_seek(
     waiting_before_seek: bool,
 ) -> None:
     consumer = asyncio.run(_rebalance_with_fetch_inside_the_seek(waiting_before_seek))
     targets = consumer.seek_targets
-    # processing resumes where the killed worker committed, and a partition with no commit from its beginning
-    assert targets == {COMMITTED: 1704, UNSET: 0}
+    # processing resumes at each recovered position, whatever Kafka's committed offset says; a partition with neither
+    # a position nor a commit from its beginning
+    assert targets == {COMMITTED: 1704, UNSET: 0, AHEAD: 900, BOGUS: 40}
     assert consumer.seek_epoch == 1
+    # faust's commit point follows: a run of acks from the position is committable, nothing below it
+    assert {tp: consumer._committed_offset[tp] for tp in targets} == targets
+    moved = {(UNSET, 0), (AHEAD, 900), (BOGUS, 40)}  # faust's own seek left the rest where the commit is
     batches = consumer.app.lane.batches
     if waiting_before_seek:
         # the fetch was waited for before the seek: stale, nothing of it reached the lane, and its partition is
-        # read again from the committed offset
+        # read again from its position
         assert batches == []
-        assert consumer.sought == [(COMMITTED, 1704)]
-        assert consumer._read_offset[COMMITTED] == 1704
+        assert set(consumer.sought) == moved | {(COMMITTED, 1704)}
     else:
         # waited for after the seek: it is current, and the lane takes every record of it from the target on
+        assert set(consumer.sought) == moved
         [(_topic, messages, epoch)] = batches
         assert epoch == 1
         assert [m.offset for m in _lane_from(consumer)._continuous(messages)] == list(range(1704, 3704))
@@ -184,6 +191,14 @@ def test_records_of_a_partition_the_last_seek_did_not_cover_are_not_processed() 
     assert [m.offset for m in lane._continuous(_records(NEW, 368, 400))] == list(range(368, 768))
 
 
+def test_a_wrong_commit_cannot_skip_records() -> None:
+    """A committed offset past the recovered position (set by hand, or by a bug) no longer decides anything: the
+    partition is read from its position, every record once."""
+    consumer = asyncio.run(_rebalance_with_fetch_inside_the_seek(False))
+    lane = _lane_from(consumer)
+    assert [m.offset for m in lane._continuous(_records(BOGUS, 40, 100))] == list(range(40, 140))
+
+
 def test_no_commit_of_a_lane_partition_whose_start_is_unknown() -> None:
     """faust's own rule would commit the first run of acks (721..740) with no committed offset or seek target
     known; the commit point could then pass records never processed."""
@@ -194,5 +209,5 @@ def test_no_commit_of_a_lane_partition_whose_start_is_unknown() -> None:
     consumer._gap = defaultdict(list)
     consumer._committed_offset = defaultdict(lambda: None)  # as faust keeps it: no commit known for NEW
     assert Consumer._new_offset(consumer, NEW) is None
-    consumer.seek_targets = {NEW: 721}  # the seek ran and the partition starts there: the run is committable
+    consumer._committed_offset[NEW] = 721  # the seek ran and the partition resumes there: the run is committable
     assert Consumer._new_offset(consumer, NEW) == 741
