@@ -182,7 +182,7 @@ class BatchProducer:
         futures = []
         for topic, part in partitions:
             batch = producer.create_batch()
-            batch.append(key=marker_key(), value=b"", timestamp=None)
+            batch.append(key=marker_key(), value=b"{}", timestamp=None)  # valid JSON: faust decodes it before the filter
             batch.close()
             futures.append(await producer.send_batch(batch, topic, partition=part))
         sent = await asyncio.gather(*futures)

@@ -41,7 +41,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 EPOCH_HEADER = "taoflow-epoch"
-MARKER_PREFIX = b"\x00taoflow-epoch/"  # not JSON: no table key can look like it
+MARKER_PREFIX = b'["taoflow-epoch","'  # a JSON list: valid for faust's key decoding, and no table key (a string) is one
 NO_EPOCH = -1
 
 
@@ -62,7 +62,7 @@ def resume_offsets(rows: Mapping[str, Any], partitions: Iterable[Any]) -> dict[A
 
 def marker_key() -> bytes:
     """A marker's key: unique, so compaction keeps every marker (they are a few dozen bytes, one per takeover)."""
-    return MARKER_PREFIX + uuid.uuid4().hex.encode()
+    return MARKER_PREFIX + uuid.uuid4().hex.encode() + b'"]'
 
 
 def is_marker(key: Any) -> bool:
